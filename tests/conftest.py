@@ -1,0 +1,42 @@
+"""Shared fixtures: small, hand-made MEDS datasets written as real parquet files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import polars as pl
+import pytest
+
+from workbench.data.meds_io import write_dataset
+
+
+def events_frame(rows: list[tuple]) -> pl.DataFrame:
+    """Rows of (subject_id, time, code, numeric_value) as a MEDS-typed frame."""
+    return pl.DataFrame(
+        rows,
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32},
+        orient="row",
+    )
+
+
+@pytest.fixture
+def small_meds(tmp_path):
+    """A valid two-shard dataset of four subjects with codes and splits metadata."""
+    t = dt.datetime(2020, 1, 1)
+    day = dt.timedelta(days=1)
+    rows = []
+    for sid in (1, 2, 3, 4):
+        rows += [
+            (sid, None, "SEX//F", None),
+            (sid, t - 20000 * day, "MEDS_BIRTH", None),
+            (sid, t + sid * day, "LAB//x", float(sid)),
+            (sid, t + 2 * sid * day, "DX//y", None),
+        ]
+    codes = pl.DataFrame({"code": ["SEX//F", "MEDS_BIRTH", "LAB//x", "DX//y"], "description": ["sex", "birth", "x [mg]", "y"]})
+    splits = pl.DataFrame({"subject_id": [1, 2, 3, 4], "split": ["train", "train", "tuning", "held_out"]})
+    root = tmp_path / "meds"
+    write_dataset(root, events_frame(rows), codes=codes, splits=splits, n_shards=2)
+    return root
