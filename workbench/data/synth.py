@@ -29,9 +29,16 @@ enrollment + 360 days], i.e. before the prediction time. Their outcome probabili
 ``outcome_prob_planted`` (default 0.7) against ``outcome_prob_baseline`` (default 0.05) for the
 others; nothing else about a subject before the prediction time depends on the outcome, so a
 model (and SHAP) can only learn the outcome from the planted event. The code never occurs in
-non-planted subjects. ``metadata/ground_truth.parquet`` records, per subject, whether and when the
-event was planted, the prediction time and the observed outcome, so explanation tests can check
-that attributions concentrate on the planted event's time step.
+non-planted subjects.
+
+``metadata/ground_truth.parquet`` (one row per subject) lets explanation tests check that
+attributions concentrate on the planted event's time step: ``subject_id``, ``planted`` (bool),
+``planted_code`` and ``planted_time`` (null unless planted), ``enrollment_time``,
+``prediction_time``, ``outcome`` (observed death inside the horizon), ``outcome_time``,
+``death_time`` (any observed death), ``end_of_followup`` and ``censored`` (no outcome and follow-up
+ends inside the horizon). ``metadata/dataset.json`` holds the config, seed and counts under
+``"synth"``. The data pass ``workbench.data.validate`` with no errors and no warnings (no
+duplicate rows, no event after the ``data_freeze`` date).
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from workbench.data.meds_io import MedsDataset, ShardWriter, open_dataset
@@ -66,21 +74,36 @@ HORIZON_DAYS = 365
 PLANTED_WINDOW_DAYS = (30, 360)
 #: Uncensored follow-up lasts this long after enrollment (so >= 400 days past the prediction time).
 ADMIN_FOLLOWUP_DAYS = (PREDICTION_OFFSET_DAYS + 400, 4 * 365)
+#: Visits of one subject start at least this many minutes apart (labs and medications are
+#: recorded up to 120 minutes after a visit starts, so windows of two visits never overlap).
+MIN_VISIT_GAP_MIN = 180
 #: Share of subjects without the outcome who die after the horizon (seen if still followed).
 LATE_DEATH_PROB = 0.10
 
-# Labs: code, description with unit, LOINC parent, median, between-subject and within-subject
-# spread (on the log scale when ``log`` is true), plausible range and rounding, and the share of
-# visits at which the lab is drawn.
+class Lab(NamedTuple):
+    """A lab test: its code, description with unit, LOINC parent and value distribution."""
+
+    code: str
+    description: str
+    parent: str
+    median: float
+    sd_between: float  #: spread of subjects' baselines (log scale when ``log``)
+    sd_within: float  #: visit-to-visit noise around a subject's baseline (same scale)
+    log: bool  #: log-normal (skewed, positive) rather than normal
+    low: float  #: plausible range: values are clipped to [low, high]
+    high: float
+    decimals: int  #: reported precision
+    p_per_visit: float  #: share of visits at which the lab is drawn
+
+
 LABS = (
-    # code                  description                              parent        median  sd_b  sd_w  log    lo     hi    dec  p
-    ("LAB//creatinine", "Serum creatinine [mg/dL]", "LOINC/2160-0", 1.0, 0.25, 0.10, True, 0.3, 12.0, 2, 0.6),
-    ("LAB//hemoglobin", "Blood hemoglobin [g/dL]", "LOINC/718-7", 13.5, 1.2, 0.6, False, 6.0, 19.0, 1, 0.6),
-    ("LAB//sodium", "Serum sodium [mmol/L]", "LOINC/2951-2", 139.0, 2.0, 2.0, False, 120.0, 160.0, 0, 0.7),
-    ("LAB//potassium", "Serum potassium [mmol/L]", "LOINC/2823-3", 4.2, 0.3, 0.3, False, 2.5, 7.0, 1, 0.7),
-    ("LAB//glucose", "Serum glucose [mg/dL]", "LOINC/2345-7", 100.0, 0.15, 0.15, True, 40.0, 600.0, 0, 0.7),
-    ("LAB//hba1c", "Hemoglobin A1c [%]", "LOINC/4548-4", 5.8, 0.12, 0.05, True, 4.0, 15.0, 1, 0.2),
-    ("LAB//wbc", "White blood cell count [10*3/uL]", "LOINC/6690-2", 7.0, 0.20, 0.15, True, 1.0, 40.0, 1, 0.5),
+    Lab("LAB//creatinine", "Serum creatinine [mg/dL]", "LOINC/2160-0", 1.0, 0.25, 0.10, True, 0.3, 12.0, 2, 0.6),
+    Lab("LAB//hemoglobin", "Blood hemoglobin [g/dL]", "LOINC/718-7", 13.5, 1.2, 0.6, False, 6.0, 19.0, 1, 0.6),
+    Lab("LAB//sodium", "Serum sodium [mmol/L]", "LOINC/2951-2", 139.0, 2.0, 2.0, False, 120.0, 160.0, 0, 0.7),
+    Lab("LAB//potassium", "Serum potassium [mmol/L]", "LOINC/2823-3", 4.2, 0.3, 0.3, False, 2.5, 7.0, 1, 0.7),
+    Lab("LAB//glucose", "Serum glucose [mg/dL]", "LOINC/2345-7", 100.0, 0.15, 0.15, True, 40.0, 600.0, 0, 0.7),
+    Lab("LAB//hba1c", "Hemoglobin A1c [%]", "LOINC/4548-4", 5.8, 0.12, 0.05, True, 4.0, 15.0, 1, 0.2),
+    Lab("LAB//wbc", "White blood cell count [10*3/uL]", "LOINC/6690-2", 7.0, 0.20, 0.15, True, 1.0, 40.0, 1, 0.5),
 )
 
 # Diagnoses and medications: code, description, parent, relative frequency at visits.
@@ -113,7 +136,7 @@ VOCAB: tuple[str, ...] = (
     *SEX_CODES,
     BIRTH_CODE,
     VISIT_CODE,
-    *(lab[0] for lab in LABS),
+    *(lab.code for lab in LABS),
     *(dx[0] for dx in DIAGNOSES),
     *(med[0] for med in MEDICATIONS),
     PLANTED_CODE,
@@ -121,11 +144,11 @@ VOCAB: tuple[str, ...] = (
     END_CODE,
 )
 _CODE_INDEX = {code: i for i, code in enumerate(VOCAB)}
-_LAB0 = _CODE_INDEX[LABS[0][0]]
+_LAB0 = _CODE_INDEX[LABS[0].code]
 _DX0 = _CODE_INDEX[DIAGNOSES[0][0]]
 _MED0 = _CODE_INDEX[MEDICATIONS[0][0]]
 
-_LAB_P = np.array([lab[10] for lab in LABS])
+_LAB_P = np.array([lab.p_per_visit for lab in LABS])
 _DX_P = np.array([dx[3] for dx in DIAGNOSES])
 _MED_P = np.array([med[3] for med in MEDICATIONS])
 
@@ -155,6 +178,11 @@ class SynthConfig(BaseModel):
     )
     enrollment_start: dt.date = Field(dt.date(2015, 1, 1), description="Earliest enrollment date.")
     enrollment_end: dt.date = Field(dt.date(2022, 12, 31), description="Latest enrollment date.")
+    data_freeze: dt.date = Field(
+        dt.date(2025, 6, 30),
+        description="No follow-up past this date (keeps every event in the past); must leave room for "
+        f"{ADMIN_FOLLOWUP_DAYS[0]} days of follow-up after enrollment_end.",
+    )
 
     @model_validator(mode="after")
     def _check_dates(self) -> "SynthConfig":
@@ -162,12 +190,27 @@ class SynthConfig(BaseModel):
             raise ValueError(
                 f"enrollment_end ({self.enrollment_end}) must be after enrollment_start ({self.enrollment_start})"
             )
+        earliest_freeze = self.enrollment_end + dt.timedelta(days=ADMIN_FOLLOWUP_DAYS[0] + 1)
+        if self.data_freeze < earliest_freeze:
+            raise ValueError(f"data_freeze ({self.data_freeze}) must be on or after {earliest_freeze}")
         return self
 
     @property
     def n_shards(self) -> int:
         """How many shards ``generate`` writes."""
         return -(-self.n_subjects // self.subjects_per_shard)
+
+
+def make_config(**values) -> SynthConfig:
+    """A :class:`SynthConfig` from keyword values; a bad value is a WorkbenchError naming the field."""
+    try:
+        return SynthConfig(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise WorkbenchError(f"invalid synth config: {problems}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +232,12 @@ def _outcome_rate(config: SynthConfig) -> float:
 
 def _expected_followup_days(config: SynthConfig) -> float:
     """Approximate mean follow-up (enrollment to end), used to turn visits into a visit rate."""
-    admin = sum(ADMIN_FOLLOWUP_DAYS) / 2
+    # Mean administrative follow-up over a grid of enrollment days (uniform, capped by the freeze).
+    enroll = np.linspace(0, (config.enrollment_end - config.enrollment_start).days, 512)
+    to_freeze = (config.data_freeze - config.enrollment_start).days - enroll
+    lo = ADMIN_FOLLOWUP_DAYS[0]
+    hi = np.maximum(lo, np.minimum(ADMIN_FOLLOWUP_DAYS[1], to_freeze))
+    admin = float(np.mean((lo + hi) / 2))
     short = PREDICTION_OFFSET_DAYS + HORIZON_DAYS / 2  # died or censored inside the horizon
     p_short = min(1.0, _outcome_rate(config) + config.censored_fraction)
     return p_short * short + (1 - p_short) * admin
@@ -197,9 +245,7 @@ def _expected_followup_days(config: SynthConfig) -> float:
 
 def _subjects(rng: np.random.Generator, n: int, config: SynthConfig) -> dict[str, np.ndarray]:
     """Draw every per-subject quantity (times in microseconds since the epoch)."""
-    epoch = dt.datetime(1970, 1, 1)
-    start = int((dt.datetime.combine(config.enrollment_start, dt.time()) - epoch).total_seconds()) * 10**6
-    end = int((dt.datetime.combine(config.enrollment_end, dt.time()) - epoch).total_seconds()) * 10**6
+    start, end, freeze = (_us(d) for d in (config.enrollment_start, config.enrollment_end, config.data_freeze))
     # Enrollment visits fall in office hours (08:00-18:00), on a whole minute.
     day = rng.integers(0, (end - start) // US_PER_DAY + 1, n)
     minute = rng.integers(8 * 60, 18 * 60, n)
@@ -222,7 +268,10 @@ def _subjects(rng: np.random.Generator, n: int, config: SynthConfig) -> dict[str
 
     censored = rng.random(n) < config.censored_fraction
     censor_time = prediction + _minutes(rng.uniform(1, HORIZON_DAYS - 1, n) * US_PER_DAY)
-    admin_end = enroll + _minutes(rng.uniform(*ADMIN_FOLLOWUP_DAYS, n) * US_PER_DAY)
+    # Administrative end: 2-4 years after enrollment, but never past the data freeze.
+    admin_lo = enroll + ADMIN_FOLLOWUP_DAYS[0] * US_PER_DAY
+    admin_hi = np.maximum(admin_lo, np.minimum(enroll + ADMIN_FOLLOWUP_DAYS[1] * US_PER_DAY, freeze))
+    admin_end = admin_lo + _minutes(rng.random(n) * (admin_hi - admin_lo))
     follow_end = np.where(censored, censor_time, admin_end)
     died = death <= follow_end  # a death after follow-up ends is never observed
     end = np.where(died, death, follow_end)
@@ -240,6 +289,11 @@ def _subjects(rng: np.random.Generator, n: int, config: SynthConfig) -> dict[str
         # Visit intensity varies between subjects (gamma, shape 2) but not with the outcome.
         "visit_rate": rng.gamma(2.0, 0.5, n) * (_expected_visits(config) - 1) / _expected_followup_days(config),
     }
+
+
+def _us(day: dt.date) -> int:
+    """Microseconds since the epoch at midnight of ``day``."""
+    return (day - dt.date(1970, 1, 1)).days * US_PER_DAY
 
 
 def _minutes(us: np.ndarray) -> np.ndarray:
@@ -265,22 +319,25 @@ def _visits(rng: np.random.Generator, s: dict[str, np.ndarray]) -> tuple[np.ndar
     n = s["enroll"].size
     span = (s["end"] - s["enroll"]) - US_PER_DAY  # keep same-day lab/med offsets before the end
     extra = rng.poisson(s["visit_rate"] * np.maximum(span, 0) / US_PER_DAY)
-    subj = np.repeat(np.arange(n), extra)
-    offset = _minutes(rng.random(subj.size) * span[subj])
-    return (
-        np.concatenate([np.arange(n), subj]),
-        np.concatenate([s["enroll"], s["enroll"][subj] + offset]),
-    )
+    subj = np.concatenate([np.arange(n), np.repeat(np.arange(n), extra)])
+    offset = np.concatenate([np.zeros(n, np.int64), _minutes(rng.random(subj.size - n) * span[subj[n:]])])
+    # Sort by (subject, minutes since enrollment), packed into one int64 (follow-up is far below
+    # 2**32 minutes), and drop a visit starting within MIN_VISIT_GAP_MIN of the subject's previous
+    # one: events recorded up to two hours after two overlapping visits could be duplicate rows.
+    key = np.sort(subj.astype(np.int64) << 32 | offset // US_PER_MINUTE)
+    subj, minute = key >> 32, key & 0xFFFFFFFF
+    keep = np.ones(key.size, dtype=bool)
+    keep[1:] = (subj[1:] != subj[:-1]) | (np.diff(minute) >= MIN_VISIT_GAP_MIN)
+    subj, minute = subj[keep], minute[keep]
+    return subj, s["enroll"][subj] + minute * US_PER_MINUTE
 
 
 def _labs(rng: np.random.Generator, n: int, visit_subj: np.ndarray, visit_time: np.ndarray) -> Block:
     """Labs drawn at visits: subject baseline plus visit noise, clipped to a plausible range."""
-    median = np.array([lab[3] for lab in LABS])
-    sd_between = np.array([lab[4] for lab in LABS])
-    sd_within = np.array([lab[5] for lab in LABS])
-    log = np.array([lab[6] for lab in LABS])
-    lo, hi = np.array([lab[7] for lab in LABS]), np.array([lab[8] for lab in LABS])
-    decimals = np.array([lab[9] for lab in LABS])
+    median, sd_between, sd_within, log, lo, hi, decimals = (
+        np.array([getattr(lab, name) for lab in LABS])
+        for name in ("median", "sd_between", "sd_within", "log", "low", "high", "decimals")
+    )
 
     center = np.where(log, np.log(median), median)
     baseline = center + rng.standard_normal((n, len(LABS))) * sd_between
@@ -304,12 +361,12 @@ def _coded_at_visits(
     first_code: int,
     max_delay_min: int,
 ) -> Block:
-    """Poisson(per_visit) codes per visit, chosen by ``weights``, up to ``max_delay_min`` after it."""
-    count = rng.poisson(per_visit, visit_subj.size)
-    visit_idx = np.repeat(np.arange(visit_subj.size), count)
-    code = first_code + rng.choice(weights.size, size=visit_idx.size, p=weights / weights.sum())
+    """About ``per_visit`` codes per visit, each code at most once per visit (so no duplicate rows),
+    in proportion to ``weights``, recorded up to ``max_delay_min`` minutes after the visit."""
+    p = np.minimum(1.0, per_visit * weights / weights.sum())
+    visit_idx, code_idx = np.nonzero(rng.random((visit_subj.size, weights.size)) < p)
     delay = rng.integers(0, max_delay_min + 1, visit_idx.size) * US_PER_MINUTE
-    return _block(visit_subj[visit_idx], visit_time[visit_idx] + delay, code)
+    return _block(visit_subj[visit_idx], visit_time[visit_idx] + delay, first_code + code_idx)
 
 
 def _shard_events(rng: np.random.Generator, s: dict[str, np.ndarray], config: SynthConfig) -> Block:
@@ -339,9 +396,9 @@ def _events_frame(subject_ids: np.ndarray, s: dict[str, np.ndarray], events: Blo
     static = pl.DataFrame(
         {
             "subject_id": pl.Series(subject_ids, dtype=pl.Int64),
-            "time": pl.Series([None] * subject_ids.size, dtype=pl.Datetime("us")),
+            "time": pl.repeat(None, subject_ids.size, dtype=pl.Datetime("us"), eager=True),
             "code": vocab.gather(np.where(s["female"], 0, 1)),
-            "numeric_value": pl.Series([None] * subject_ids.size, dtype=pl.Float32),
+            "numeric_value": pl.repeat(None, subject_ids.size, dtype=pl.Float32, eager=True),
         }
     )
     timed = pl.DataFrame(
@@ -419,7 +476,7 @@ def codes_metadata() -> pl.DataFrame:
         (SEX_CODES[1], "Administrative sex: male (static)", None),
         (BIRTH_CODE, "Date of birth", None),
         (VISIT_CODE, "Outpatient or inpatient visit (start time)", None),
-        *((lab[0], lab[1], [lab[2]]) for lab in LABS),
+        *((lab.code, lab.description, [lab.parent]) for lab in LABS),
         *((dx[0], dx[1], [dx[2]]) for dx in DIAGNOSES),
         *((med[0], med[1], [med[2]]) for med in MEDICATIONS),
         (

@@ -88,16 +88,19 @@ def validate_dataset(root: str | Path, today: dt.date | None = None) -> Validati
     readable = [f for f in files if _check_file_schema(f, report)]
     if len(readable) < len(files):
         return report  # typed checks below would only repeat the schema errors
-    events = _scan_with_file(readable)
-    counts = events.select(pl.len()).collect().item()
-    if counts == 0:
+    # One bounded pass per shard (MEDS keeps a subject in one shard, so the per-subject checks
+    # are shard-local); only small per-shard results are combined across shards.
+    shards = [_scan_shard(f, today or dt.date.today()) for f in readable]
+    per_subject = pl.concat([s.subjects for s in shards])
+    if per_subject.height == 0:
         report.add(ERROR, "empty_dataset", ds.root / DATA_DIR, None, 0, None, "the shards hold no events")
         return report
-    _check_rows(events, report, today or dt.date.today())
-    _check_subjects(events, report)
-    splits = _check_splits(ds, events, report)
-    _check_codes(ds, events, report)
-    report.summary = _summarise(events, splits)
+    _report_shard_findings(shards, report)
+    _check_subject_shards(per_subject, report)
+    splits = _check_splits(ds, per_subject, report)
+    codes = _combine_codes(shards)
+    _check_codes(ds, codes, report)
+    report.summary = _summarise(shards, per_subject, codes, splits)
     return report
 
 
@@ -157,115 +160,121 @@ def _first_subject(path: Path) -> int | None:
         return None
 
 
-def _scan_with_file(files: list[Path]) -> pl.LazyFrame:
-    lf = pl.concat(
-        [
-            pl.scan_parquet(f, missing_columns="insert", extra_columns="ignore")
-            .select(
-                pl.col("subject_id").cast(pl.Int64),
-                pl.col("time").cast(pl.Datetime("us")),
-                pl.col("code").cast(pl.String),
-                (pl.col("numeric_value") if _has_column(f, "numeric_value") else pl.lit(None))
-                .cast(pl.Float32)
-                .alias("numeric_value"),
-            )
-            .with_columns(pl.lit(str(f)).alias("_file"))
-            for f in files
-        ],
-        how="vertical",
+def _scan_file(path: Path) -> pl.LazyFrame:
+    """One shard, cast to the MEDS types (schema already checked), ``numeric_value`` added if absent."""
+    value = pl.col("numeric_value") if _has_column(path, "numeric_value") else pl.lit(None)
+    return pl.scan_parquet(path).select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("time").cast(pl.Datetime("us")),
+        pl.col("code").cast(pl.String),
+        value.cast(pl.Float32).alias("numeric_value"),
     )
-    return lf.with_row_index("_row")
 
 
 def _has_column(path: Path, name: str) -> bool:
     return name in pq.read_schema(path).names
 
 
-def _report_row_conditions(events: pl.LazyFrame, report: ValidationReport, checks: list[tuple]) -> None:
-    """Evaluate (severity, check, column, condition, message) in one pass; report those with hits."""
-    aggs = []
-    for i, (_, _, _, cond, _) in enumerate(checks):
-        aggs += [
-            cond.sum().alias(f"n{i}"),
-            pl.col("subject_id").filter(cond).first().alias(f"s{i}"),
-            pl.col("_file").filter(cond).first().alias(f"f{i}"),
-        ]
-    row = events.select(aggs).collect(engine="streaming").row(0)
-    for i, (severity, check, column, _, message) in enumerate(checks):
-        n, subject, file = row[3 * i], row[3 * i + 1], row[3 * i + 2]
-        if n:
-            report.add(severity, check, file, column, n, subject, message)
+@dataclass
+class _ShardScan:
+    """What one shard contributes: row-check hits, per-subject counts, per-code counts, time stats."""
+
+    file: str
+    hits: dict  # check index -> (rows, example subject); DUPLICATES is the last index
+    subjects: pl.DataFrame  # subject_id, events, file
+    codes: pl.DataFrame  # code, n, subject_id (example)
+    stats: dict
 
 
-def _check_rows(events: pl.LazyFrame, report: ValidationReport, today: dt.date) -> None:
-    value = pl.col("numeric_value")
+def _row_checks(today: dt.date) -> list[tuple]:
+    """(severity, check, column, condition, message) evaluated on every row of every shard."""
+    sid, t, value = pl.col("subject_id"), pl.col("time"), pl.col("numeric_value")
     latest = dt.datetime.combine(today + dt.timedelta(days=1), dt.time())
-    _report_row_conditions(
-        events,
-        report,
-        [
-            (ERROR, "null_value", "subject_id", pl.col("subject_id").is_null(), "subject_id is null"),
-            (ERROR, "null_value", "code", pl.col("code").is_null(), "code is null"),
-            (ERROR, "nan_value", "numeric_value", value.is_nan(), "numeric_value is NaN (use null for missing)"),
-            (ERROR, "infinite_value", "numeric_value", value.is_infinite(), "numeric_value is infinite"),
-            (WARNING, "time_out_of_range", "time", pl.col("time") < _EARLIEST, "time is before 1900-01-01"),
-            (WARNING, "time_out_of_range", "time", pl.col("time") >= latest, f"time is after today ({today})"),
-        ],
-    )
-    dup = (
-        events.group_by(["subject_id", "time", "code", "numeric_value"], maintain_order=False)
-        .agg(pl.len().alias("n"), pl.col("_file").first())
-        .filter(pl.col("n") > 1)
-        .select(
-            (pl.col("n") - 1).sum().alias("extra"),
-            pl.col("subject_id").first(),
-            pl.col("_file").first(),
-        )
-        .collect(engine="streaming")
-        .row(0)
-    )
-    if dup[0]:
-        report.add(WARNING, "duplicate_rows", dup[2], None, dup[0], dup[1], "exact duplicate rows")
-
-
-def _check_subjects(events: pl.LazyFrame, report: ValidationReport) -> None:
-    """A subject in two shards, or a subject whose times go backwards within its shard."""
     # Null times (static events) sort first in MEDS; compare them as the earliest instant.
-    t = pl.col("time").fill_null(dt.datetime(1, 1, 1))
-    backwards = (t.diff().over(["_file", "subject_id"], order_by="_row") < dt.timedelta(0)).fill_null(False)
-    per_subject = (
-        events.filter(pl.col("subject_id").is_not_null())
-        .with_columns(backwards.alias("_back"))
-        .group_by("subject_id")
-        .agg(
-            pl.col("_file").n_unique().alias("n_files"),
-            pl.col("_file").unique().sort().alias("files"),
-            pl.col("_back").sum().alias("n_back"),
-            pl.col("_file").filter(pl.col("_back")).first().alias("back_file"),
-        )
+    tf = t.fill_null(dt.datetime(1, 1, 1))
+    backwards = (sid == sid.shift(1)) & (tf < tf.shift(1))
+    return [
+        (ERROR, "null_value", "subject_id", sid.is_null(), "subject_id is null"),
+        (ERROR, "null_value", "code", pl.col("code").is_null(), "code is null"),
+        (ERROR, "nan_value", "numeric_value", value.is_nan(), "numeric_value is NaN (use null for missing)"),
+        (ERROR, "infinite_value", "numeric_value", value.is_infinite(), "numeric_value is infinite"),
+        (ERROR, "unsorted_times", "time", backwards.fill_null(False),
+         "time goes backwards within a subject (MEDS: sorted by time within a subject)"),
+        (WARNING, "time_out_of_range", "time", t < _EARLIEST, "time is before 1900-01-01"),
+        (WARNING, "time_out_of_range", "time", t >= latest, f"time is after today ({today})"),
+    ]
+
+
+DUPLICATES = len(_row_checks(dt.date.today()))  # the duplicate check's index, after the row checks
+
+
+def _scan_shard(path: Path, today: dt.date) -> _ShardScan:
+    lf = _scan_file(path)
+    checks = _row_checks(today)
+    aggs = [pl.len().alias("rows")]
+    for i, (_, _, _, cond, _) in enumerate(checks):
+        aggs += [cond.sum().alias(f"n{i}"), pl.col("subject_id").filter(cond).first().alias(f"s{i}")]
+    aggs += [
+        pl.col("time").min().alias("time_min"),
+        pl.col("time").max().alias("time_max"),
+        pl.col("time").is_null().sum().alias("static_events"),
+        pl.col("numeric_value").is_not_null().sum().alias("numeric_events"),
+    ]
+    rows, subjects, codes, dups = pl.collect_all(
+        [
+            lf.select(aggs),
+            lf.drop_nulls("subject_id").group_by("subject_id").agg(pl.len().alias("events")),
+            lf.group_by("code").agg(pl.len().alias("n"), pl.col("subject_id").first()),
+            lf.group_by(pl.all()).agg(pl.len().alias("n")).filter(pl.col("n") > 1).sort("subject_id"),
+        ]
     )
-    found = (
-        per_subject.filter((pl.col("n_files") > 1) | (pl.col("n_back") > 0))
+    row = rows.row(0, named=True)
+    hits = {i: (row[f"n{i}"], row[f"s{i}"]) for i in range(len(checks)) if row[f"n{i}"]}
+    if dups.height:
+        hits[DUPLICATES] = (int((dups["n"] - 1).sum()), dups["subject_id"][0])
+    stats = {k: row[k] for k in ("rows", "time_min", "time_max", "static_events", "numeric_events")}
+    return _ShardScan(str(path), hits, subjects.with_columns(pl.lit(str(path)).alias("file")), codes, stats)
+
+
+def _report_shard_findings(shards: list[_ShardScan], report: ValidationReport) -> None:
+    """Row checks summed over shards; the first shard with a hit names the file and example."""
+    checks = [(sev, check, col, msg) for sev, check, col, _, msg in _row_checks(dt.date.today())]
+    checks.append((WARNING, "duplicate_rows", None, "exact duplicate rows"))
+    for i, (severity, check, column, message) in enumerate(checks):
+        found = [(s.file, *s.hits[i]) for s in shards if i in s.hits]
+        if found:
+            total = sum(n for _, n, _ in found)
+            file, _, example = found[0]
+            more = f" (and {len(found) - 1} more shard(s))" if len(found) > 1 else ""
+            report.add(severity, check, file + more, column, total, example, message)
+
+
+def _check_subject_shards(per_subject: pl.DataFrame, report: ValidationReport) -> None:
+    """A subject must live in exactly one shard."""
+    spread = (
+        per_subject.group_by("subject_id")
+        .agg(pl.col("file").n_unique().alias("n_files"), pl.col("file").sort().alias("files"))
+        .filter(pl.col("n_files") > 1)
         .sort("subject_id")
-        .collect(engine="streaming")
     )
-    split = found.filter(pl.col("n_files") > 1)
-    if split.height:
-        first = split.row(0, named=True)
+    if spread.height:
+        first = spread.row(0, named=True)
         report.add(
-            ERROR, "subject_in_several_shards", " + ".join(first["files"]), "subject_id", split.height,
-            first["subject_id"], f"{split.height} subject(s) appear in more than one shard (MEDS: one shard per subject)",
-        )
-    back = found.filter(pl.col("n_back") > 0)
-    if back.height:
-        first = back.row(0, named=True)
-        report.add(
-            ERROR, "unsorted_times", first["back_file"], "time", int(back["n_back"].sum()), first["subject_id"],
-            f"times go backwards within {back.height} subject(s) (MEDS: sorted by time within a subject)",
+            ERROR, "subject_in_several_shards", " + ".join(first["files"]), "subject_id", spread.height,
+            first["subject_id"], f"{spread.height} subject(s) appear in more than one shard (MEDS: one shard per subject)",
         )
 
 
-def _check_splits(ds: MedsDataset, events: pl.LazyFrame, report: ValidationReport) -> pl.DataFrame | None:
+def _combine_codes(shards: list[_ShardScan]) -> pl.DataFrame:
+    return (
+        pl.concat([s.codes for s in shards])
+        .group_by("code")
+        .agg(pl.col("n").sum(), pl.col("subject_id").first())
+        .sort(["n", "code"], descending=[True, False])
+    )
+
+
+def _check_splits(ds: MedsDataset, per_subject: pl.DataFrame, report: ValidationReport) -> pl.DataFrame | None:
     path = ds.root / SPLITS_FILE
     if not path.exists():
         report.add(WARNING, "no_splits", path, None, None, None, "no subject_splits.parquet: every subject is unsplit")
@@ -289,7 +298,7 @@ def _check_splits(ds: MedsDataset, events: pl.LazyFrame, report: ValidationRepor
             ERROR, "subject_in_several_splits", path, "subject_id", doubled.height, doubled["subject_id"][0],
             "subject listed more than once in the split file",
         )
-    data_subjects = events.select(pl.col("subject_id").unique()).drop_nulls().collect(engine="streaming")
+    data_subjects = per_subject.select(pl.col("subject_id").unique())
     absent = splits.join(data_subjects, on="subject_id", how="anti")
     if absent.height:
         report.add(
@@ -305,15 +314,11 @@ def _check_splits(ds: MedsDataset, events: pl.LazyFrame, report: ValidationRepor
     return splits
 
 
-def _check_codes(ds: MedsDataset, events: pl.LazyFrame, report: ValidationReport) -> None:
+def _check_codes(ds: MedsDataset, codes: pl.DataFrame, report: ValidationReport) -> None:
     path = ds.root / CODES_FILE
-    codes = events.group_by("code").agg(pl.len().alias("n"), pl.col("subject_id").first())
+    missing = codes.drop_nulls("code")
     if path.exists():
-        known = pl.read_parquet(path, columns=["code"])
-        missing = codes.join(known.lazy(), on="code", how="anti").sort("n", descending=True).collect()
-    else:
-        missing = codes.sort("n", descending=True).collect()
-    missing = missing.drop_nulls("code")
+        missing = missing.join(pl.read_parquet(path, columns=["code"]), on="code", how="anti")
     if missing.height:
         shown = ", ".join(missing["code"].head(5).to_list()) + (" ..." if missing.height > 5 else "")
         report.add(
@@ -322,29 +327,30 @@ def _check_codes(ds: MedsDataset, events: pl.LazyFrame, report: ValidationReport
         )
 
 
-def _summarise(events: pl.LazyFrame, splits: pl.DataFrame | None) -> dict:
-    stats = (
-        events.select(
-            pl.col("subject_id").n_unique().alias("subjects"),
-            pl.len().alias("events"),
-            pl.col("code").n_unique().alias("codes"),
-            pl.col("time").min().alias("time_min"),
-            pl.col("time").max().alias("time_max"),
-            pl.col("time").is_null().sum().alias("static_events"),
-            pl.col("numeric_value").is_not_null().sum().alias("numeric_events"),
-        )
-        .collect(engine="streaming")
-        .row(0, named=True)
-    )
-    top = events.group_by("code").agg(pl.len().alias("n")).sort(["n", "code"], descending=[True, False]).head(10)
-    stats["top_codes"] = top.collect().rows()
+def _summarise(shards: list[_ShardScan], per_subject: pl.DataFrame, codes: pl.DataFrame, splits) -> dict:
+    def total(key):
+        return sum(s.stats[key] for s in shards)
+
+    def extreme(key, fn):
+        values = [s.stats[key] for s in shards if s.stats[key] is not None]
+        return fn(values) if values else None
+
+    stats = {
+        "subjects": per_subject["subject_id"].n_unique(),
+        "events": total("rows"),
+        "codes": codes.height,
+        "time_min": extreme("time_min", min),
+        "time_max": extreme("time_max", max),
+        "static_events": total("static_events"),
+        "numeric_events": total("numeric_events"),
+        "top_codes": codes.head(10).select("code", "n").rows(),
+    }
     if splits is not None:
         per_split = (
-            events.join(splits.lazy(), on="subject_id", how="left")
+            per_subject.join(splits, on="subject_id", how="left")
             .group_by("split")
-            .agg(pl.col("subject_id").n_unique().alias("subjects"), pl.len().alias("events"))
+            .agg(pl.col("subject_id").n_unique().alias("subjects"), pl.col("events").sum())
             .sort("split", nulls_last=True)
-            .collect(engine="streaming")
         )
         stats["splits"] = {r["split"] or "(none)": (r["subjects"], r["events"]) for r in per_split.iter_rows(named=True)}
     return stats

@@ -1,0 +1,906 @@
+"""Tensorization: MEDS events + labels -> ``SequenceTensors`` [N, T, F] for sequence models.
+
+The verbs follow scikit-learn: :func:`fit` learns a :class:`FeatureSpec` (selected codes, train
+medians, normalization statistics) from the **train split only**; :func:`transform` applies a
+saved spec to any data and never refits; :func:`fit_transform` does both in one pass.
+
+Time axis (for every sample ``n`` with prediction time ``pt`` and bin width ``w``):
+
+* only events with ``time <= pt`` are ever read (as-of semantics, also when fitting);
+* step ``t`` (0..T-1) covers ``(end_t - w, end_t]`` with ``end_t = pt - (T-1-t) * w``, so the
+  last step ends at the prediction time, inclusive;
+* events older than the window are not binned, but the latest value of each numeric code among
+  them is carried into the window by the forward fill (so a lab drawn just before the window
+  is not lost).
+
+Channels, in this order (``feature_names``):
+
+1. ``{code}/{agg}`` for each numeric code and aggregation (last, mean, min, max over the bin),
+   forward-filled within the sample, then imputed with the train median;
+2. ``{code}/missing`` (optional): 1 where the code has no value *in this bin* (carried or imputed);
+3. ``{code}/time_since`` (optional): days from the code's latest value to the step's end time
+   (train median where the code was never observed);
+4. ``{code}/count``: number of events of each count code in the bin (0 where none);
+5. ``static/age_years`` (age at the prediction time, from ``MEDS_BIRTH``) and ``static/{code}``
+   (1 if the subject has that static, null-time code), repeated on every non-padded step;
+6. ``step/observed``: 1 if the bin holds any event of a selected code.
+
+Continuous channels (1, 3, 4, age) are standardized with the train mean and (population)
+standard deviation; indicator channels (2, static codes, observed) are left as 0/1 (their stored
+mean is 0 and std 1, so :meth:`FeatureSpec.denormalize` is uniform).
+
+Padding: steps before the sample's first event of a selected code (the window is left-padded
+when the history is shorter than T bins) contain **exactly 0.0 in every channel** after
+normalization, and ``observed`` is False there. Steps after the first event without events of
+their own are *not* padding: they hold forward-filled values and ``step/observed`` = 0.
+
+Codes that the spec does not know are ignored (a warning lists them); they never add a column,
+change a value, or mark a step observed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workbench.data.meds_io import SPLITS_FILE, MedsDataset, open_dataset
+from workbench.errors import WorkbenchError
+
+Agg = Literal["last", "mean", "min", "max"]
+US_PER_DAY = 86_400_000_000
+US_PER_YEAR = 365.25 * US_PER_DAY
+_UNIT_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "min": 60_000_000, "h": 3_600_000_000,
+            "d": US_PER_DAY, "w": 7 * US_PER_DAY}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|m|h|d|w)\s*$")
+OBSERVED_FEATURE = "step/observed"
+AGE_FEATURE = "static/age_years"
+TENSORS_FILE = "tensors.npz"
+SPEC_FILE = "feature_spec.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class UnseenCodesWarning(UserWarning):
+    """Data holds codes the FeatureSpec never saw when fitting; they are ignored."""
+
+
+def parse_duration_us(text: str) -> int:
+    """``"90d"``, ``"1h"``, ``"30min"``, ``"2w"`` -> microseconds (``m`` is minutes)."""
+    match = _DURATION_RE.match(str(text))
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like '1h', '30min', '90d' or '2w' (units: {', '.join(_UNIT_US)})")
+    return int(round(float(match.group(1)) * _UNIT_US[match.group(2)]))
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+class FeatureConfig(BaseModel):
+    """How events become a [T, F] sequence per sample (every field has a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bin_width: str = Field("1d", description="Width of one time step, e.g. '1h' (ICU), '90d' (PBC); must be > 0.")
+    n_steps: int = Field(48, ge=1, description="T: number of bins before (and ending at) the prediction time; >= 1.")
+    numeric_aggs: list[Agg] = Field(
+        default_factory=lambda: ["last"], min_length=1,
+        description="Per-bin aggregations of numeric codes, any of last, mean, min, max.",
+    )
+    codes: list[str] | None = Field(
+        None, description="Explicit code list (overrides min_code_frequency and exclude_code_patterns); None selects by frequency."
+    )
+    min_code_frequency: float = Field(
+        0.01, ge=0.0,
+        description="Keep codes seen (as of prediction time) in at least this many train subjects: a fraction if < 1, a count if >= 1.",
+    )
+    count_code_patterns: list[str] = Field(
+        default_factory=lambda: [r"^DX//", r"^MED//", r"^PROC//", r"^VISIT"],
+        description="Regexes of codes that are always counted per bin (diagnoses, medications), even with values.",
+    )
+    numeric_min_fraction: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="Other codes are numeric when at least this share of their train events has a numeric_value, else counted.",
+    )
+    exclude_code_patterns: list[str] = Field(
+        default_factory=lambda: [r"^MEDS_BIRTH$", r"^MEDS_DEATH$", r"^END_OF_FOLLOWUP$"],
+        description="Regexes of codes never used as features (birth feeds the age feature; death/end are outcomes/markers).",
+    )
+    add_missing_indicators: bool = Field(False, description="Add '{code}/missing' (no value in this bin) per numeric code.")
+    add_time_since_last: bool = Field(False, description="Add '{code}/time_since' (days since the latest value) per numeric code.")
+    static_features: bool = Field(True, description="Add static/age_years and static/{code} for static (null-time) codes.")
+    birth_code: str = Field("MEDS_BIRTH", description="Code whose time is the birth date (for static/age_years).")
+
+    @field_validator("bin_width")
+    @classmethod
+    def _positive_width(cls, value: str) -> str:
+        if parse_duration_us(value) <= 0:
+            raise ValueError(f"must be > 0, got {value!r}")
+        return value
+
+    @field_validator("numeric_aggs")
+    @classmethod
+    def _unique_aggs(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"aggregations must be unique, got {value}")
+        return value
+
+    @field_validator("count_code_patterns", "exclude_code_patterns")
+    @classmethod
+    def _valid_regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+        return value
+
+    @property
+    def bin_width_us(self) -> int:
+        """The bin width in microseconds."""
+        return parse_duration_us(self.bin_width)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, source: str = "feature config") -> "FeatureConfig":
+        """Validate a mapping; errors become a WorkbenchError naming each bad field."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise WorkbenchError(f"{source}: {_describe_validation_error(exc)}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "FeatureConfig":
+        """Load from a YAML file (a mapping of field names; a top-level ``features:`` key is accepted)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise WorkbenchError(f"{path}: cannot read feature config: {exc}") from None
+        if isinstance(data, dict) and set(data) == {"features"}:
+            data = data["features"]
+        if data is not None and not isinstance(data, dict):
+            raise WorkbenchError(f"{path}: expected a mapping of feature config fields, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    """'field: message' for each error (pydantic's messages name the allowed range)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------- spec
+
+
+class FitInfo(BaseModel):
+    """What a FeatureSpec was fitted on."""
+
+    data_fingerprint: str = Field("", description="Hash of the dataset's shard names and sizes and its split file.")
+    n_train_subjects: int = Field(0, description="Train subjects with at least one label.")
+    n_train_samples: int = Field(0, description="Train labels (samples) used for the statistics.")
+
+
+class FeatureSpec(BaseModel):
+    """A FeatureConfig plus everything learned from the train split (JSON round trip)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(1, description="Spec format version.")
+    config: FeatureConfig = Field(default_factory=FeatureConfig, description="The configuration it was fitted with.")
+    numeric_codes: list[str] = Field(default_factory=list, description="Codes aggregated as values per bin.")
+    count_codes: list[str] = Field(default_factory=list, description="Codes counted per bin.")
+    static_codes: list[str] = Field(default_factory=list, description="Static (null-time) codes used as 0/1 features.")
+    include_age: bool = Field(False, description="Whether static/age_years is a channel.")
+    seen_codes: list[str] = Field(default_factory=list, description="Every code in the train data (as of prediction time).")
+    feature_names: list[str] = Field(default_factory=list, description="Channel names, in tensor order.")
+    median: list[float] = Field(default_factory=list, description="Train median per channel (imputation; 0 for non-imputed).")
+    mean: list[float] = Field(default_factory=list, description="Normalization mean per channel (0 for indicators).")
+    std: list[float] = Field(default_factory=list, description="Normalization std per channel (1 for indicators).")
+    fitted_on: FitInfo = Field(default_factory=FitInfo, description="Data the statistics came from.")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "FeatureSpec":
+        expected = _feature_names(self.config, self.numeric_codes, self.count_codes, self.static_codes, self.include_age)
+        if self.feature_names != expected:
+            raise ValueError("feature_names do not match the codes and config")
+        for name in ("median", "mean", "std"):
+            if len(getattr(self, name)) != len(self.feature_names):
+                raise ValueError(f"{name} has {len(getattr(self, name))} values for {len(self.feature_names)} features")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write as JSON (atomically: temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.write_text(self.model_dump_json(indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureSpec":
+        """Read a spec written by :meth:`save` (a clear error if the file is missing or invalid)."""
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except OSError as exc:
+            raise WorkbenchError(f"{path}: cannot read feature spec: {exc}") from None
+        except ValidationError as exc:
+            raise WorkbenchError(f"{path}: invalid feature spec: {_describe_validation_error(exc)}") from None
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def normalized_mask(self) -> np.ndarray:
+        """Boolean [F]: channels that are standardized (continuous), as opposed to 0/1 indicators."""
+        return np.array([_is_continuous(n) for n in self.feature_names], dtype=bool)
+
+    def denormalize(self, X: np.ndarray) -> np.ndarray:
+        """Raw feature values (float64) from normalized ones; the last axis is the feature axis.
+
+        Padded steps (all zeros) come back as the channel means: mask them with ``observed``-based
+        padding if raw values there matter.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        if X.shape[-1] != self.n_features:
+            raise WorkbenchError(f"denormalize: last axis has {X.shape[-1]} features, spec has {self.n_features}")
+        return X * np.asarray(self.std) + np.asarray(self.mean)
+
+
+def _is_continuous(name: str) -> bool:
+    """Channels standardized with mean/std (the rest are 0/1 indicators)."""
+    if name == AGE_FEATURE:
+        return True
+    return name.rsplit("/", 1)[-1] in ("last", "mean", "min", "max", "count", "time_since")
+
+
+def _is_imputed(name: str) -> bool:
+    """Channels whose NaNs (never observed) get the train median."""
+    return name == AGE_FEATURE or name.rsplit("/", 1)[-1] in ("last", "mean", "min", "max", "time_since")
+
+
+def _feature_names(
+    config: FeatureConfig, numeric: Sequence[str], count: Sequence[str], static: Sequence[str], include_age: bool
+) -> list[str]:
+    """Channel names in tensor order (see the module docstring)."""
+    names = [f"{c}/{a}" for c in numeric for a in config.numeric_aggs]
+    if config.add_missing_indicators:
+        names += [f"{c}/missing" for c in numeric]
+    if config.add_time_since_last:
+        names += [f"{c}/time_since" for c in numeric]
+    names += [f"{c}/count" for c in count]
+    if include_age:
+        names.append(AGE_FEATURE)
+    names += [f"static/{c}" for c in static]
+    names.append(OBSERVED_FEATURE)
+    return names
+
+
+# -------------------------------------------------------------------------------------- tensors
+
+
+@dataclass
+class SequenceTensors:
+    """Model-ready sequences: ``X`` [N, T, F] float32 plus per-sample and per-step metadata."""
+
+    X: np.ndarray
+    y: np.ndarray
+    subject_id: np.ndarray
+    prediction_time: np.ndarray
+    step_end_time: np.ndarray
+    observed: np.ndarray
+    split: np.ndarray
+    feature_names: list[str]
+    spec: FeatureSpec = field(repr=False)
+
+    def __post_init__(self) -> None:
+        n, t, f = self.X.shape
+        if len(self.feature_names) != f:
+            raise ValueError(f"{len(self.feature_names)} feature names for {f} features")
+        for name, shape in (("y", (n,)), ("subject_id", (n,)), ("prediction_time", (n,)), ("split", (n,)),
+                            ("step_end_time", (n, t)), ("observed", (n, t))):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected {shape}")
+
+    @property
+    def padded(self) -> np.ndarray:
+        """Bool [N, T]: left padding, i.e. steps with ``observed`` False and every channel exactly 0.
+
+        (A real unobserved step holds carried-forward values, the static features and the
+        imputed medians, so it is never all zeros in practice.)
+        """
+        return ~self.observed & np.all(self.X == 0, axis=2)
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "X": self.X, "y": self.y, "subject_id": self.subject_id,
+            "prediction_time": self.prediction_time, "step_end_time": self.step_end_time,
+            "observed": self.observed, "split": self.split.astype(str),
+        }
+
+    def content_hash(self) -> str:
+        """SHA-256 over every array (dtype, shape, bytes), the feature names and the spec."""
+        h = hashlib.sha256()
+        for name, arr in self._arrays().items():
+            arr = np.ascontiguousarray(arr)
+            h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
+            h.update(arr.tobytes() if arr.dtype.kind != "U" else "\x00".join(arr.tolist()).encode())
+        h.update(json.dumps(self.feature_names).encode())
+        h.update(self.spec.model_dump_json().encode())
+        return h.hexdigest()
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write ``tensors.npz``, ``feature_spec.json`` and ``manifest.json`` (with the content hash).
+
+        Written into a temp sibling directory that replaces ``directory`` only when complete.
+        """
+        directory = Path(directory)
+        if directory.exists() and not overwrite:
+            raise WorkbenchError(f"{directory}: already exists")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            np.savez(tmp / TENSORS_FILE, **self._arrays())
+            self.spec.save(tmp / SPEC_FILE)
+            manifest = {"content_hash": self.content_hash(), "shape": list(self.X.shape),
+                        "feature_names": self.feature_names, "splits": split_counts(self.split)}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, verify: bool = True) -> "SequenceTensors":
+        """Read what :meth:`save` wrote; ``verify`` recomputes the content hash and compares."""
+        directory = Path(directory)
+        for name in (TENSORS_FILE, SPEC_FILE, MANIFEST_FILE):
+            if not (directory / name).exists():
+                raise WorkbenchError(f"{directory / name}: missing (not a saved SequenceTensors directory)")
+        spec = FeatureSpec.load(directory / SPEC_FILE)
+        with np.load(directory / TENSORS_FILE, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        tensors = cls(**arrays, feature_names=list(spec.feature_names), spec=spec)
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        if verify and tensors.content_hash() != manifest.get("content_hash"):
+            raise WorkbenchError(f"{directory}: content hash mismatch (files changed or corrupted)")
+        return tensors
+
+    def subset(self, index) -> "SequenceTensors":
+        """The samples selected by a boolean mask or integer indices."""
+        index = np.asarray(index)
+        return SequenceTensors(
+            X=self.X[index], y=self.y[index], subject_id=self.subject_id[index],
+            prediction_time=self.prediction_time[index], step_end_time=self.step_end_time[index],
+            observed=self.observed[index], split=self.split[index],
+            feature_names=list(self.feature_names), spec=self.spec,
+        )
+
+    def by_split(self, name: str) -> "SequenceTensors":
+        """The samples whose subject is in split ``name`` (e.g. 'train', 'tuning', 'held_out')."""
+        return self.subset(self.split == name)
+
+
+def split_counts(split: np.ndarray) -> dict[str, int]:
+    names, counts = np.unique(split.astype(str), return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts)}
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``, replacing an existing directory only at the last moment."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def _as_dataset(dataset: MedsDataset | str | os.PathLike) -> MedsDataset:
+    return dataset if isinstance(dataset, MedsDataset) else open_dataset(dataset)
+
+
+def load_labels(labels: pl.DataFrame | str | os.PathLike) -> pl.DataFrame:
+    """Labels as ``subject_id Int64, prediction_time Datetime(us), boolean_value Boolean`` (checked)."""
+    source = "labels"
+    if not isinstance(labels, pl.DataFrame):
+        source = str(labels)
+        try:
+            labels = pl.read_parquet(labels)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise WorkbenchError(f"{source}: cannot read labels parquet: {exc}") from None
+    for column in ("subject_id", "prediction_time"):
+        if column not in labels.columns:
+            raise WorkbenchError(f"{source}: missing column {column!r} (MEDS label schema: subject_id, prediction_time, boolean_value)")
+    if "boolean_value" not in labels.columns:
+        labels = labels.with_columns(pl.lit(None, dtype=pl.Boolean).alias("boolean_value"))
+    try:
+        labels = labels.select(
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("prediction_time").cast(pl.Datetime("us")),
+            pl.col("boolean_value").cast(pl.Boolean),
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise WorkbenchError(f"{source}: labels have the wrong column types: {exc}") from None
+    for column in ("subject_id", "prediction_time"):
+        nulls = labels[column].null_count()
+        if nulls:
+            raise WorkbenchError(f"{source}: column {column!r} has {nulls} null value(s)")
+    if labels.height == 0:
+        raise WorkbenchError(f"{source}: no labels (0 rows)")
+    return labels
+
+
+def _subject_splits(dataset: MedsDataset) -> pl.DataFrame:
+    """``subject_id, split`` with each subject in at most one split (else a leakage error)."""
+    splits = dataset.splits()
+    dup = splits.group_by("subject_id").agg(pl.col("split").n_unique().alias("n"), pl.len().alias("rows"))
+    dup = dup.filter(pl.col("rows") > 1)
+    if dup.height:
+        ids = dup["subject_id"].sort().head(10).to_list()
+        raise WorkbenchError(
+            f"{dataset.root / SPLITS_FILE}: {dup.height} subject(s) listed more than once (e.g. {ids}); "
+            "each subject must be in exactly one split"
+        )
+    return splits
+
+
+def _samples(labels: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
+    """Labels with a sample index and the subject's split ('' where the subject has none)."""
+    return (
+        labels.with_row_index("_sample")
+        .with_columns(pl.col("_sample").cast(pl.Int64))
+        .join(splits, on="subject_id", how="left", maintain_order="left")
+        .with_columns(pl.col("split").fill_null(""))
+    )
+
+
+def data_fingerprint(dataset: MedsDataset) -> str:
+    """Cheap identity of a dataset: shard paths and sizes plus the split file's bytes."""
+    h = hashlib.sha256()
+    for path in dataset.data_files:
+        h.update(f"{path.relative_to(dataset.root)}:{path.stat().st_size};".encode())
+    splits = dataset.root / SPLITS_FILE
+    if splits.exists():
+        h.update(splits.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ code selection
+
+
+def _code_stats(events: pl.LazyFrame, train: pl.DataFrame) -> pl.LazyFrame:
+    """Per code over train subjects' events as of their latest prediction time: subjects, events,
+    timed events and events with a value (nothing after a prediction time can influence the fit)."""
+    cutoff = train.group_by("subject_id").agg(pl.col("prediction_time").max().alias("_cutoff"))
+    return (
+        events.join(cutoff.lazy(), on="subject_id", how="inner")
+        .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("_cutoff")))
+        .group_by("code")
+        .agg(
+            pl.col("subject_id").n_unique().alias("n_subjects"),
+            pl.col("time").is_not_null().sum().alias("n_timed"),
+            (pl.col("time").is_not_null() & pl.col("numeric_value").is_not_null()).sum().alias("n_numeric"),
+        )
+        .sort("code")
+    )
+
+
+def _matches_any(code: pl.Expr, patterns: Sequence[str]) -> pl.Expr:
+    expr = pl.lit(False)
+    for pattern in patterns:
+        expr = expr | code.str.contains(pattern)
+    return expr
+
+
+def _select_codes(stats: pl.DataFrame, config: FeatureConfig, n_train_subjects: int) -> dict[str, list[str]]:
+    """Split the chosen codes into numeric, count and static (sorted, deterministic)."""
+    code = pl.col("code")
+    if config.codes is not None:
+        absent = sorted(set(config.codes) - set(stats["code"].to_list()))
+        if absent:
+            warnings.warn(f"feature codes never seen in the train split (as of prediction time), dropped: {absent}",
+                          UnseenCodesWarning, stacklevel=3)
+        chosen = stats.filter(code.is_in(config.codes))
+    else:
+        threshold = config.min_code_frequency
+        if threshold < 1:
+            threshold = threshold * n_train_subjects
+        chosen = stats.filter((pl.col("n_subjects") >= threshold) & ~_matches_any(code, config.exclude_code_patterns))
+    chosen = chosen.filter(code != config.birth_code)
+    kind = (
+        pl.when(pl.col("n_timed") == 0).then(pl.lit("static"))
+        .when(_matches_any(code, config.count_code_patterns)).then(pl.lit("count"))
+        .when(pl.col("n_numeric") >= config.numeric_min_fraction * pl.col("n_timed")).then(pl.lit("numeric"))
+        .otherwise(pl.lit("count"))
+    )
+    chosen = chosen.with_columns(kind.alias("kind"))
+    pick = {k: sorted(chosen.filter(pl.col("kind") == k)["code"].to_list()) for k in ("numeric", "count", "static")}
+    if not config.static_features:
+        pick["static"] = []
+    return pick
+
+
+# ---------------------------------------------------------------------------- the lazy queries
+
+
+@dataclass
+class _Layout:
+    """Which codes feed which channels; built from a spec, or from a selection during fit."""
+
+    config: FeatureConfig
+    numeric: list[str]
+    count: list[str]
+    static: list[str]
+    include_age: bool
+
+    @property
+    def dynamic(self) -> list[str]:
+        return self.numeric + self.count
+
+    @property
+    def feature_names(self) -> list[str]:
+        return _feature_names(self.config, self.numeric, self.count, self.static, self.include_age)
+
+
+def _binned_query(events: pl.LazyFrame, samples: pl.LazyFrame, layout: _Layout) -> pl.LazyFrame:
+    """One row per (sample, step, code) with the bin's aggregates, step -1 = before the window.
+
+    ``last`` sorts each group by time (ties broken by value) rather than trusting file order:
+    that keeps it correct for unsorted shards and lets the join and the streaming engine
+    reorder rows freely (measured faster than an order-keeping join).
+    """
+    config = layout.config
+    T, width = config.n_steps, config.bin_width_us
+    n_numeric = len(layout.numeric)
+    code_idx = pl.col("code").cast(pl.Enum(layout.dynamic), strict=False).to_physical().cast(pl.Int32)
+    elapsed = (pl.col("prediction_time") - pl.col("time")).dt.total_microseconds()
+    step = (pl.lit(T - 1, dtype=pl.Int64) - elapsed // width).clip(lower_bound=-1).cast(pl.Int32)
+    aggs = [pl.len().cast(pl.Int32).alias("n"), pl.col("numeric_value").sort_by("time", "numeric_value").last().alias("last")]
+    aggs += [getattr(pl.col("numeric_value"), a)().alias(a) for a in config.numeric_aggs if a != "last"]
+    if config.add_time_since_last:
+        aggs.append(pl.col("time").max().dt.epoch("us").alias("tmax"))
+    return (
+        events.filter(pl.col("time").is_not_null())
+        .with_columns(code_idx.alias("_code"))
+        .filter(pl.col("_code").is_not_null())
+        # a numeric code's event without a value carries nothing to aggregate or carry forward
+        .filter((pl.col("_code") >= n_numeric) | pl.col("numeric_value").is_not_null())
+        .join(samples.select("_sample", "subject_id", "prediction_time"), on="subject_id", how="inner")
+        .filter(pl.col("time") <= pl.col("prediction_time"))
+        .with_columns(step.alias("_step"))
+        .group_by("_sample", "_step", "_code")
+        .agg(aggs)
+    )
+
+
+def _static_query(events: pl.LazyFrame, samples: pl.LazyFrame, layout: _Layout) -> pl.LazyFrame:
+    """(sample, static code index) for each static code a labelled subject has."""
+    if not layout.static:
+        return pl.LazyFrame(schema={"_sample": pl.Int64, "_code": pl.Int32})
+    return (
+        events.filter(pl.col("time").is_null() & pl.col("code").is_in(layout.static))
+        .select("subject_id", pl.col("code").cast(pl.Enum(layout.static)).to_physical().cast(pl.Int32).alias("_code"))
+        .unique()
+        .join(samples.select("_sample", "subject_id"), on="subject_id", how="inner")
+        .select("_sample", "_code")
+    )
+
+
+def _age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> pl.LazyFrame:
+    """(sample, age in years at the prediction time) for samples whose subject was born by then."""
+    birth = events.filter((pl.col("code") == birth_code) & pl.col("time").is_not_null()).select("subject_id", "time")
+    age = (pl.col("prediction_time") - pl.col("time").min()).dt.total_microseconds() / US_PER_YEAR
+    return (
+        birth.join(samples.select("_sample", "subject_id", "prediction_time"), on="subject_id", how="inner")
+        .filter(pl.col("time") <= pl.col("prediction_time"))  # as of, like every other feature
+        .group_by("_sample")
+        .agg(age.first().alias("age"))
+    )
+
+
+def _missing_subjects_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
+    """Labelled subjects without a single event in the data."""
+    present = events.select("subject_id").unique()
+    return samples.select("subject_id").unique().join(present, on="subject_id", how="anti").sort("subject_id")
+
+
+def _collect(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
+    """Run all queries in one go on the streaming engine (bounded memory for large datasets)."""
+    try:
+        return pl.collect_all(list(queries), engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        raise WorkbenchError(f"reading events failed: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ dense assembly
+
+
+def _ffill_index(present: np.ndarray) -> np.ndarray:
+    """Index along the last axis of the latest present slot at or before each slot (0 if none).
+
+    Time is the last (contiguous) axis so the running maximum streams through memory.
+    """
+    idx = np.where(present, np.arange(present.shape[-1], dtype=np.int32), np.int32(0))
+    np.maximum.accumulate(idx, axis=-1, out=idx)
+    return idx
+
+
+def _raw_tensor(binned: pl.DataFrame, static: pl.DataFrame, age: pl.DataFrame, samples: pl.DataFrame,
+                layout: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw X [N, T, F] (NaN where nothing is known yet), observed [N, T] and padded [N, T]."""
+    config = layout.config
+    N, T = samples.height, config.n_steps
+    C, A = len(layout.numeric), len(config.numeric_aggs)
+    names = layout.feature_names
+    X = np.zeros((N, T, len(names)), dtype=np.float32)
+    s = binned["_sample"].to_numpy()
+    slot = binned["_step"].to_numpy() + 1  # slot 0 holds what precedes the window
+    code = binned["_code"].to_numpy()
+
+    any_event = np.zeros((N, T + 1), dtype=bool)
+    any_event[s, slot] = True
+    observed = any_event[:, 1:].copy()
+    padded = ~np.logical_or.accumulate(any_event, axis=1)[:, 1:]
+
+    num = code < C
+    ns, nslot, ncode = s[num], slot[num], code[num]
+    # per-code work arrays are [N, C, T+1] (time contiguous); slot 0 precedes the window
+    present = np.zeros((N, C, T + 1), dtype=bool)
+    present[ns, ncode, nslot] = True
+    idx = _ffill_index(present)
+    in_window = nslot > 0
+    for a, agg in enumerate(config.numeric_aggs):
+        values = np.full((N, C, T + 1), np.nan, dtype=np.float32)
+        # before the window only the latest value matters: it is what gets carried forward
+        col = np.where(in_window, binned[agg].to_numpy()[num], binned["last"].to_numpy()[num])
+        values[ns, ncode, nslot] = col
+        X[:, :, a:C * A:A] = np.take_along_axis(values, idx, axis=-1)[:, :, 1:].transpose(0, 2, 1)
+    f = C * A
+    if config.add_missing_indicators:
+        X[:, :, f:f + C] = ~present[:, :, 1:].transpose(0, 2, 1)
+        f += C
+    if config.add_time_since_last:
+        last_time = np.full((N, C, T + 1), np.nan)
+        last_time[ns, ncode, nslot] = binned["tmax"].to_numpy()[num]
+        last_time = np.take_along_axis(last_time, idx, axis=-1)[:, :, 1:]
+        step_end = _step_end_us(samples, config)
+        X[:, :, f:f + C] = ((step_end[:, None, :] - last_time) / US_PER_DAY).transpose(0, 2, 1)
+        f += C
+    cnt = (~num) & (slot > 0)
+    X[s[cnt], slot[cnt] - 1, f + code[cnt] - C] = binned["n"].to_numpy()[cnt]
+    f += len(layout.count)
+    if layout.include_age:
+        ages = np.full(N, np.nan, dtype=np.float32)
+        ages[age["_sample"].to_numpy()] = age["age"].to_numpy()
+        X[:, :, f] = ages[:, None]
+        f += 1
+    static_block = np.zeros((N, len(layout.static)), dtype=np.float32)
+    static_block[static["_sample"].to_numpy(), static["_code"].to_numpy()] = 1.0
+    X[:, :, f:f + len(layout.static)] = static_block[:, None, :]
+    f += len(layout.static)
+    X[:, :, f] = observed
+    return X, observed, padded
+
+
+def _step_end_us(samples: pl.DataFrame, config: FeatureConfig) -> np.ndarray:
+    """[N, T] int64 microseconds: end (inclusive) of each step."""
+    pt = samples["prediction_time"].to_numpy().astype("datetime64[us]").astype(np.int64)
+    offsets = (config.n_steps - 1 - np.arange(config.n_steps, dtype=np.int64)) * config.bin_width_us
+    return pt[:, None] - offsets[None, :]
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def _fit_statistics(X: np.ndarray, padded: np.ndarray, rows: np.ndarray,
+                    names: list[str]) -> tuple[list[float], list[float], list[float]]:
+    """Train medians (before imputation), then mean/std after imputation, over the non-padded
+    steps of the train ``rows``. Channels are gathered a block at a time (memory stays at one
+    block's copy, and each channel is contiguous for the median)."""
+    flat = X.reshape(-1, X.shape[2])
+    steps = np.flatnonzero((~padded & rows[:, None]).ravel())
+    medians, means, stds = [], [], []
+    block = 16
+    for j0 in range(0, len(names), block):  # a loop over channel blocks, not rows
+        values = np.ascontiguousarray(flat[steps, j0:j0 + block].T)
+        for column, name in zip(values, names[j0:j0 + block]):
+            median, mean, std = _channel_statistics(column, name)
+            medians.append(median)
+            means.append(mean)
+            stds.append(std)
+    return medians, means, stds
+
+
+def _channel_statistics(column: np.ndarray, name: str) -> tuple[float, float, float]:
+    """(median, mean, std) of one channel's train values; indicators keep mean 0, std 1."""
+    median = 0.0
+    if _is_imputed(name):
+        missing = np.isnan(column)
+        finite = column[~missing]
+        if finite.size == 0:
+            warnings.warn(f"feature {name!r} has no value in the train split; imputing 0", stacklevel=5)
+        else:
+            median = float(np.median(finite))
+        column[missing] = median
+    if not _is_continuous(name) or column.size == 0:
+        return median, 0.0, 1.0
+    mean = float(np.mean(column, dtype=np.float64))
+    std = float(np.std(column, dtype=np.float64))
+    return median, mean, (std if std > 1e-12 and np.isfinite(std) else 1.0)
+
+
+def _finish(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Impute with train medians, standardize, and zero the padding (in place)."""
+    median = np.asarray(spec.median, dtype=np.float32)
+    nan = np.isnan(X)
+    if nan.any():
+        np.copyto(X, np.broadcast_to(median, X.shape), where=nan)
+    X -= np.asarray(spec.mean, dtype=np.float32)
+    X /= np.asarray(spec.std, dtype=np.float32)
+    X[padded] = 0.0
+    return X
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def _prepare(dataset, labels) -> tuple[MedsDataset, pl.DataFrame]:
+    dataset = _as_dataset(dataset)
+    samples = _samples(load_labels(labels), _subject_splits(dataset))
+    return dataset, samples
+
+
+def _layout_from_spec(spec: FeatureSpec) -> _Layout:
+    return _Layout(spec.config, list(spec.numeric_codes), list(spec.count_codes), list(spec.static_codes), spec.include_age)
+
+
+def _select(dataset: MedsDataset, samples: pl.DataFrame, config: FeatureConfig) -> tuple[_Layout, list[str], pl.DataFrame]:
+    """Choose the codes from the train split as of prediction time; also check labelled subjects."""
+    train = samples.filter(pl.col("split") == "train")
+    events = dataset.events()
+    stats, missing = _collect(_code_stats(events, train), _missing_subjects_query(events, samples.lazy()))
+    _raise_if_missing(missing, dataset)
+    if train.height == 0:
+        raise WorkbenchError(
+            f"{dataset.root}: no label belongs to a train-split subject (metadata/subject_splits.parquet); "
+            "statistics are fitted on the train split only"
+        )
+    n_train_subjects = train["subject_id"].n_unique()
+    pick = _select_codes(stats, config, n_train_subjects)
+    include_age = config.static_features and bool(
+        stats.filter((pl.col("code") == config.birth_code) & (pl.col("n_timed") > 0)).height
+    )
+    layout = _Layout(config, pick["numeric"], pick["count"], pick["static"], include_age)
+    return layout, sorted(stats["code"].to_list()), train
+
+
+def _raise_if_missing(missing: pl.DataFrame, dataset: MedsDataset) -> None:
+    if missing.height:
+        ids = missing["subject_id"].head(10).to_list()
+        raise WorkbenchError(
+            f"labels: {missing.height} subject_id(s) have no events in {dataset.root} (e.g. {ids}); "
+            "labels must come from this dataset"
+        )
+
+
+def _tensorize(dataset: MedsDataset, samples: pl.DataFrame, layout: _Layout, seen: list[str] | None,
+               check_subjects: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the lazy queries in one collect and assemble the raw tensor."""
+    events = dataset.events()
+    lazy_samples = samples.lazy()
+    queries = [
+        _binned_query(events, lazy_samples, layout),
+        _static_query(events, lazy_samples, layout),
+        _age_query(events, lazy_samples, layout.config.birth_code) if layout.include_age
+        else pl.LazyFrame(schema={"_sample": pl.Int64, "age": pl.Float64}),
+    ]
+    if check_subjects:
+        queries.append(_missing_subjects_query(events, lazy_samples))
+    if seen is not None:
+        queries.append(events.select(pl.col("code").unique()).filter(~pl.col("code").is_in(seen)).sort("code"))
+    results = _collect(*queries)
+    binned, static, age = results[:3]
+    if check_subjects:
+        _raise_if_missing(results[3], dataset)
+    if seen is not None:
+        _warn_unseen(results[-1]["code"].to_list())
+    return _raw_tensor(binned, static, age, samples, layout)
+
+
+def _warn_unseen(codes: list[str]) -> None:
+    if codes:
+        shown = ", ".join(codes[:25]) + (f", ... ({len(codes) - 25} more)" if len(codes) > 25 else "")
+        warnings.warn(f"{len(codes)} code(s) not seen when the feature spec was fitted are ignored: {shown}",
+                      UnseenCodesWarning, stacklevel=4)
+
+
+def _spec_from(layout: _Layout, seen: list[str], X: np.ndarray, padded: np.ndarray, rows: np.ndarray,
+               dataset: MedsDataset, train: pl.DataFrame) -> FeatureSpec:
+    names = layout.feature_names
+    median, mean, std = _fit_statistics(X, padded, rows, names)
+    return FeatureSpec(
+        config=layout.config, numeric_codes=layout.numeric, count_codes=layout.count, static_codes=layout.static,
+        include_age=layout.include_age, seen_codes=seen, feature_names=names, median=median, mean=mean, std=std,
+        fitted_on=FitInfo(data_fingerprint=data_fingerprint(dataset), n_train_subjects=train["subject_id"].n_unique(),
+                          n_train_samples=train.height),
+    )
+
+
+def _tensors(X, observed, samples: pl.DataFrame, spec: FeatureSpec) -> SequenceTensors:
+    step_end = _step_end_us(samples, spec.config).astype("datetime64[us]")
+    return SequenceTensors(
+        X=X,
+        y=samples["boolean_value"].cast(pl.Float32).to_numpy().astype(np.float32),
+        subject_id=samples["subject_id"].to_numpy().astype(np.int64),
+        prediction_time=samples["prediction_time"].to_numpy().astype("datetime64[us]"),
+        step_end_time=step_end,
+        observed=observed,
+        split=samples["split"].to_numpy().astype(str),
+        feature_names=list(spec.feature_names),
+        spec=spec,
+    )
+
+
+def fit(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
+        config: FeatureConfig | None = None) -> FeatureSpec:
+    """Learn a FeatureSpec from the train-split labels only (codes, medians, mean/std)."""
+    config = config or FeatureConfig()
+    dataset, samples = _prepare(dataset, labels)
+    layout, seen, train = _select(dataset, samples, config)
+    train_samples = train.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_sample"))
+    X, _, padded = _tensorize(dataset, train_samples, layout, seen=None, check_subjects=False)
+    return _spec_from(layout, seen, X, padded, np.ones(len(X), dtype=bool), dataset, train)
+
+
+def transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
+              spec: FeatureSpec | str | os.PathLike) -> SequenceTensors:
+    """Apply a fitted spec to (new) data: same channels in the same order; unknown codes ignored."""
+    if not isinstance(spec, FeatureSpec):
+        spec = FeatureSpec.load(spec)
+    dataset, samples = _prepare(dataset, labels)
+    X, observed, padded = _tensorize(dataset, samples, _layout_from_spec(spec), seen=spec.seen_codes,
+                                     check_subjects=True)
+    return _tensors(_finish(X, padded, spec), observed, samples, spec)
+
+
+def fit_transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
+                  config: FeatureConfig | None = None) -> tuple[FeatureSpec, SequenceTensors]:
+    """:func:`fit` then :func:`transform`, reading the events for the tensor only once."""
+    config = config or FeatureConfig()
+    dataset, samples = _prepare(dataset, labels)
+    layout, seen, train = _select(dataset, samples, config)
+    X, observed, padded = _tensorize(dataset, samples, layout, seen=seen, check_subjects=False)
+    is_train = (samples["split"] == "train").to_numpy()
+    spec = _spec_from(layout, seen, X, padded, is_train, dataset, train)
+    return spec, _tensors(_finish(X, padded, spec), observed, samples, spec)

@@ -1,0 +1,788 @@
+"""Prediction tasks: a typed task spec turns MEDS events into labels (MEDS label schema).
+
+A :class:`TaskSpec` says *when* a prediction is made (every event of a code set, a fixed
+offset after an anchor, or the prediction times of a labels parquet made elsewhere, e.g. by
+ACES), *what* is predicted (outcome codes within a horizon, after an optional gap), how
+follow-up ends (an end-of-follow-up code and competing events that censor), and who is
+eligible (history, event count, age, no prior outcome).
+
+Semantics (``t`` = prediction time, the inclusive end of usable data):
+
+* outcome window = ``(t + gap, t + horizon]``; positive if an outcome event falls in it;
+* excluded, never negative, if there is no outcome in the window and follow-up (the first
+  end-of-follow-up event, else the subject's last event) ends before ``t + horizon``, or if a
+  competing event comes in ``(t, t + horizon]`` before the first outcome (an outcome at the
+  same instant as a competing event wins: it was observed);
+* excluded if the outcome (or a competing event) already happened at or before ``t``, or if
+  the outcome falls in the gap ``(t, t + gap]``.
+
+:func:`make_labels` evaluates every rule lazily with polars (one ``collect``) and records, for
+each candidate prediction time, the first rule that excluded it; the :class:`CohortReport`
+counts are derived from that, so they always add up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import importlib.resources
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workbench.data.meds_io import MedsDataset, open_dataset, write_parquet_atomic
+from workbench.errors import WorkbenchError
+
+#: Columns (and polars dtypes) of a saved labels file: exactly meds.LabelSchema's boolean task.
+LABEL_SCHEMA: dict[str, pl.DataType] = {
+    "subject_id": pl.Int64(),
+    "prediction_time": pl.Datetime("us"),
+    "boolean_value": pl.Boolean(),
+}
+SPLIT_ORDER = ("train", "tuning", "held_out")
+NO_SPLIT = "(none)"
+SHIPPED_SPECS_PACKAGE_DIR = "task_specs"
+DAYS_PER_YEAR = 365.25
+
+
+# --------------------------------------------------------------------------------------------
+# Typed spec
+# --------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """Base of every spec section: unknown keys are errors, so a YAML typo never goes unnoticed."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_patterns(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+    return patterns
+
+
+class PredictionTimes(_Section):
+    """When predictions are made."""
+
+    kind: Literal["every_event", "offset", "labels_file"] = Field(
+        "every_event",
+        description=(
+            "every_event: at each distinct time of an event matching codes/patterns; "
+            "offset: offset_days after the subject's first event (or first anchor_codes event); "
+            "labels_file: the prediction times of labels_path (a MEDS labels parquet, e.g. from ACES)."
+        ),
+    )
+    codes: list[str] = Field(
+        default_factory=lambda: ["VISIT"], description="every_event: exact codes whose events are prediction times."
+    )
+    patterns: list[str] = Field(
+        default_factory=list, description="every_event: regular expressions (search) on codes, added to codes."
+    )
+    anchor_codes: list[str] = Field(
+        default_factory=list,
+        description="offset: anchor at the subject's first event of these codes; empty = the first timed event "
+        "that is not a birth code.",
+    )
+    offset_days: float = Field(0.0, ge=0, description="offset: days from the anchor to the prediction time (>= 0).")
+    labels_path: str | None = Field(
+        None,
+        description="labels_file: path of a labels parquet (subject_id, prediction_time[, boolean_value]); "
+        "relative paths resolve against the spec file's directory.",
+    )
+
+    _check = field_validator("patterns")(_check_patterns)
+
+    @model_validator(mode="after")
+    def _kind_has_its_fields(self) -> "PredictionTimes":
+        if self.kind == "every_event" and not (self.codes or self.patterns):
+            raise ValueError("kind 'every_event' needs at least one of codes / patterns")
+        if self.kind == "labels_file" and not self.labels_path:
+            raise ValueError("kind 'labels_file' needs labels_path")
+        return self
+
+
+class Outcome(_Section):
+    """What is predicted: an outcome event within a horizon, after an optional gap."""
+
+    codes: list[str] = Field(default_factory=lambda: ["MEDS_DEATH"], description="Exact outcome codes.")
+    patterns: list[str] = Field(default_factory=list, description="Regular expressions (search) on outcome codes.")
+    horizon_days: float = Field(365.0, gt=0, description="Window end, in days after the prediction time (> 0).")
+    gap_days: float = Field(
+        0.0, ge=0, description="Window start, in days after the prediction time (>= 0, < horizon_days)."
+    )
+
+    _check = field_validator("patterns")(_check_patterns)
+
+    @model_validator(mode="after")
+    def _window_not_empty(self) -> "Outcome":
+        if not (self.codes or self.patterns):
+            raise ValueError("needs at least one of codes / patterns")
+        if self.gap_days >= self.horizon_days:
+            raise ValueError(f"gap_days ({self.gap_days}) must be < horizon_days ({self.horizon_days})")
+        return self
+
+
+class Censoring(_Section):
+    """How follow-up ends."""
+
+    end_codes: list[str] = Field(
+        default_factory=list,
+        description="Codes marking end of follow-up (first one counts); empty = the subject's last event.",
+    )
+    competing_codes: list[str] = Field(
+        default_factory=list, description="Competing events (e.g. transplant) that censor when they come first."
+    )
+    competing_patterns: list[str] = Field(
+        default_factory=list, description="Regular expressions (search) for competing-event codes."
+    )
+
+    _check = field_validator("competing_patterns")(_check_patterns)
+
+
+class Inclusion(_Section):
+    """Who is eligible at a prediction time."""
+
+    min_history_days: float = Field(
+        0.0, ge=0, description="Days from the first (non-birth) event to the prediction time, at least (>= 0)."
+    )
+    min_events: int = Field(
+        0, ge=0, description="Timed non-birth events at or before the prediction time, at least (>= 0)."
+    )
+    min_age_years: float | None = Field(None, ge=0, le=150, description="Youngest age at prediction time (0-150).")
+    max_age_years: float | None = Field(None, ge=0, le=150, description="Oldest age at prediction time (0-150).")
+    birth_codes: list[str] = Field(
+        default_factory=lambda: ["MEDS_BIRTH"], description="Codes giving the birth date (for age, and not history)."
+    )
+    exclude_prior_outcome: bool = Field(
+        True, description="Drop prediction times at or after the subject's first outcome event."
+    )
+
+    @model_validator(mode="after")
+    def _age_range(self) -> "Inclusion":
+        lo, hi = self.min_age_years, self.max_age_years
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_age_years ({lo}) must be <= max_age_years ({hi})")
+        return self
+
+
+class TaskSpec(_Section):
+    """A binary prediction task over a MEDS dataset (see the module docstring for semantics)."""
+
+    name: str = Field("task", min_length=1, description="Task name (MLflow experiment name, file names).")
+    description: str = Field("", description="What the task predicts, in words.")
+    prediction_times: PredictionTimes = Field(default_factory=PredictionTimes, description="When to predict.")
+    outcome: Outcome | None = Field(
+        default_factory=Outcome,
+        description="What to predict; null with prediction_times.kind labels_file keeps the file's boolean_value.",
+    )
+    censoring: Censoring = Field(default_factory=Censoring, description="How follow-up ends.")
+    inclusion: Inclusion = Field(default_factory=Inclusion, description="Eligibility rules.")
+    require_train_positives: bool = Field(
+        True, description="Fail if the train split (or, without splits, the whole cohort) has no positive label."
+    )
+    warn_prevalence_below: float = Field(
+        0.01, ge=0, le=1, description="Warn when the overall label prevalence is below this (0-1)."
+    )
+
+    @model_validator(mode="after")
+    def _outcome_or_file_labels(self) -> "TaskSpec":
+        if self.outcome is None and self.prediction_times.kind != "labels_file":
+            raise ValueError("outcome may be null only with prediction_times.kind 'labels_file'")
+        return self
+
+    def to_yaml(self) -> str:
+        """The full resolved spec as YAML (defaults included), e.g. to log as an MLflow artifact."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    """One line per invalid field: dotted field name, what is wrong (with the allowed range), the value."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        shows_value = err["type"] != "missing" and not isinstance(err["input"], dict)
+        given = f" (got {err['input']!r})" if shows_value else ""
+        lines.append(f"  {loc}: {msg}{given}")
+    return f"{source}: invalid task spec\n" + "\n".join(lines)
+
+
+def task_from_dict(data: dict, source: str = "task spec", base_dir: Path | None = None) -> TaskSpec:
+    """Validate a dict as a :class:`TaskSpec`; relative ``labels_path`` resolves against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{source}: expected a mapping of task fields, got {type(data).__name__}")
+    try:
+        spec = TaskSpec.model_validate(data)
+    except ValidationError as exc:
+        raise WorkbenchError(_format_validation_error(source, exc)) from None
+    path = spec.prediction_times.labels_path
+    if path and base_dir is not None and not Path(path).is_absolute():
+        spec.prediction_times.labels_path = str((base_dir / path).resolve())
+    return spec
+
+
+def shipped_tasks() -> list[str]:
+    """Names of the task specs bundled with the package (``workbench/task_specs/*.yaml``)."""
+    folder = importlib.resources.files("workbench") / SHIPPED_SPECS_PACKAGE_DIR
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_task(path_or_name: str | os.PathLike | TaskSpec | dict) -> TaskSpec:
+    """Load a task spec from a YAML file, a shipped name (e.g. ``"pbc_mortality"``) or a dict
+    (e.g. the ``task:`` block of a pipeline YAML); a TaskSpec is returned as is."""
+    if isinstance(path_or_name, TaskSpec):
+        return path_or_name
+    if isinstance(path_or_name, dict):
+        return task_from_dict(path_or_name)
+    text = str(path_or_name)
+    path = Path(text)
+    if not path.exists() and not text.endswith((".yaml", ".yml")) and os.sep not in text:
+        names = shipped_tasks()
+        if text not in names:
+            close = difflib.get_close_matches(text, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise WorkbenchError(
+                f"task {text!r}: no such file and no shipped task of that name (shipped: {', '.join(names)}){hint}"
+            )
+        path = Path(str(importlib.resources.files("workbench") / SHIPPED_SPECS_PACKAGE_DIR / f"{text}.yaml"))
+    if not path.is_file():
+        raise WorkbenchError(f"{path}: task spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise WorkbenchError(f"{path}: not valid YAML: {exc}") from None
+    return task_from_dict(data if data is not None else {}, source=str(path), base_dir=path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort report
+# --------------------------------------------------------------------------------------------
+
+
+class RuleCount(BaseModel):
+    """How one rule changed the cohort (rules apply in order; each row is dropped by its first failing rule)."""
+
+    rule: str = Field(description="Rule name (stable identifier).")
+    description: str = Field(description="What the rule drops, in words.")
+    rows_in: int = Field(description="Prediction times reaching this rule.")
+    rows_dropped: int = Field(description="Prediction times this rule dropped.")
+    rows_out: int = Field(description="Prediction times kept after this rule.")
+    subjects_out: int = Field(description="Subjects with at least one prediction time kept after this rule.")
+    subjects_dropped: int = Field(description="Subjects whose last remaining prediction time this rule dropped.")
+
+
+class SplitCount(BaseModel):
+    """Labels and prevalence in one split."""
+
+    split: str = Field(description="Split name ('(none)' for subjects without a split).")
+    subjects: int = Field(description="Subjects with at least one label.")
+    labels: int = Field(description="Labelled prediction times.")
+    positives: int = Field(description="Positive labels.")
+    prevalence: float = Field(description="positives / labels (0 when there are no labels).")
+
+
+class CohortReport(BaseModel):
+    """Counts kept and dropped at each rule and label prevalence per split (notebooks show it, MLflow logs it)."""
+
+    task: str = Field(description="Task name.")
+    subjects_in_data: int = Field(description="Subjects in the dataset.")
+    candidates: int = Field(description="Candidate prediction times before any rule.")
+    candidate_subjects: int = Field(description="Subjects with at least one candidate prediction time.")
+    rules: list[RuleCount] = Field(description="Rule-by-rule counts, in the order applied.")
+    splits: list[SplitCount] = Field(description="Label counts per split.")
+    labels: int = Field(description="Labelled prediction times kept.")
+    subjects: int = Field(description="Subjects with at least one label.")
+    positives: int = Field(description="Positive labels.")
+    prevalence: float = Field(description="Overall positives / labels.")
+    warnings: list[str] = Field(default_factory=list, description="Warnings raised while labelling.")
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict (e.g. ``mlflow.log_dict(report.to_dict(), 'cohort.json')``)."""
+        return self.model_dump(mode="json")
+
+    def to_frame(self) -> pl.DataFrame:
+        """Rule-by-rule counts as a frame (first row: the candidates)."""
+        start = pl.DataFrame(
+            [{"rule": "candidates", "description": "candidate prediction times", "rows_in": self.candidates,
+              "rows_dropped": 0, "rows_out": self.candidates, "subjects_out": self.candidate_subjects,
+              "subjects_dropped": 0}]
+        )
+        rules = pl.DataFrame([r.model_dump() for r in self.rules], schema=start.schema) if self.rules else None
+        return pl.concat([start, rules]) if rules is not None else start
+
+    def splits_frame(self) -> pl.DataFrame:
+        """Label counts and prevalence per split as a frame."""
+        schema = {"split": pl.String, "subjects": pl.Int64, "labels": pl.Int64, "positives": pl.Int64,
+                  "prevalence": pl.Float64}
+        return pl.DataFrame([s.model_dump() for s in self.splits], schema=schema)
+
+    def to_metrics(self) -> dict[str, float]:
+        """Flat numeric metrics for ``mlflow.log_metrics`` (names use only allowed characters)."""
+        out: dict[str, float] = {
+            "cohort_candidates": self.candidates,
+            "cohort_labels": self.labels,
+            "cohort_subjects": self.subjects,
+            "cohort_positives": self.positives,
+            "cohort_prevalence": self.prevalence,
+        }
+        out.update({f"cohort_dropped_{r.rule}": r.rows_dropped for r in self.rules})
+        for s in self.splits:
+            key = re.sub(r"[^A-Za-z0-9_]", "", s.split) or "none"
+            out.update({f"cohort_{key}_labels": s.labels, f"cohort_{key}_prevalence": s.prevalence})
+        return {k: float(v) for k, v in out.items()}
+
+    def to_markdown(self) -> str:
+        """Both tables as Markdown (for notebooks, READMEs and MLflow text artifacts)."""
+        lines = [f"### Cohort: {self.task}", "", f"Subjects in data: {self.subjects_in_data}", "",
+                 "| rule | drops | rows in | dropped | rows kept | subjects kept |", "|---|---|--:|--:|--:|--:|"]
+        for r in self.to_frame().iter_rows(named=True):
+            lines.append(f"| {r['rule']} | {r['description']} | {r['rows_in']} | {r['rows_dropped']} | "
+                         f"{r['rows_out']} | {r['subjects_out']} |")
+        lines += ["", "| split | subjects | labels | positives | prevalence |", "|---|--:|--:|--:|--:|"]
+        for s in self.splits:
+            lines.append(f"| {s.split} | {s.subjects} | {s.labels} | {s.positives} | {s.prevalence:.2%} |")
+        lines.append(f"| **all** | {self.subjects} | {self.labels} | {self.positives} | {self.prevalence:.2%} |")
+        lines += [f"", *(f"> warning: {w}" for w in self.warnings)]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def _repr_markdown_(self) -> str:  # Jupyter displays the report as tables
+        return self.to_markdown()
+
+    def to_rich(self):
+        """The report as rich tables (what ``workbench label`` prints)."""
+        from rich.console import Group
+        from rich.markup import escape
+        from rich.table import Table
+
+        rules = Table(title=f"Cohort: {self.task} ({self.subjects_in_data} subjects in data)")
+        rules.add_column("rule", no_wrap=True)
+        rules.add_column("drops", min_width=24)
+        for col in ("rows in", "dropped", "rows kept", "subjects kept"):
+            rules.add_column(col, justify="right", no_wrap=True)
+        for r in self.to_frame().iter_rows(named=True):
+            rules.add_row(escape(r["rule"]), escape(r["description"]), str(r["rows_in"]), str(r["rows_dropped"]),
+                          str(r["rows_out"]), str(r["subjects_out"]))
+        splits = Table(title="Labels per split")
+        for col in ("split", "subjects", "labels", "positives", "prevalence"):
+            splits.add_column(col, justify="left" if col == "split" else "right")
+        for s in self.splits:
+            splits.add_row(escape(s.split), str(s.subjects), str(s.labels), str(s.positives), f"{s.prevalence:.2%}")
+        splits.add_row("all", str(self.subjects), str(self.labels), str(self.positives), f"{self.prevalence:.2%}",
+                       style="bold")
+        return Group(rules, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Labelling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    """Labels and the cohort report of one task on one dataset.
+
+    ``candidates`` holds every candidate prediction time with its split, label (null when
+    excluded) and ``excluded_by`` (the first rule that dropped it, null when kept): the audit
+    trail behind the report.
+    """
+
+    spec: TaskSpec
+    candidates: pl.DataFrame
+    report: CohortReport
+
+    @property
+    def labels(self) -> pl.DataFrame:
+        """Kept labels in the MEDS label schema exactly (``subject_id, prediction_time, boolean_value``)."""
+        return self.labels_with_split.select(list(LABEL_SCHEMA))
+
+    @property
+    def labels_with_split(self) -> pl.DataFrame:
+        """Kept labels plus each subject's ``split`` (from the dataset's subject_splits; null if none)."""
+        return (
+            self.candidates.filter(pl.col("excluded_by").is_null())
+            .select([*LABEL_SCHEMA, "split"])
+            .sort("subject_id", "prediction_time")
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the labels parquet atomically, checked against ``meds.LabelSchema``."""
+        import meds
+
+        labels = self.labels
+        meds.LabelSchema.validate(labels.to_arrow())
+        return write_parquet_atomic(labels, path)
+
+
+def read_labels(path: str | os.PathLike) -> pl.DataFrame:
+    """Read a MEDS labels parquet: ``subject_id, prediction_time`` and ``boolean_value`` if present."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"{path}: labels file not found")
+    try:
+        schema = pl.read_parquet_schema(path)
+    except Exception as exc:  # polars raises several error types for a non-parquet file
+        raise WorkbenchError(f"{path}: not a readable parquet file ({exc})") from None
+    missing = [c for c in ("subject_id", "prediction_time") if c not in schema]
+    if missing:
+        raise WorkbenchError(f"{path}: labels file lacks column(s) {', '.join(missing)} (has {', '.join(schema)})")
+    cols = [c for c in LABEL_SCHEMA if c in schema]
+    try:
+        df = pl.read_parquet(path, columns=cols).cast({c: LABEL_SCHEMA[c] for c in cols})
+    except pl.exceptions.PolarsError as exc:
+        raise WorkbenchError(f"{path}: labels columns have the wrong types ({exc}); want {LABEL_SCHEMA}") from None
+    for col in cols:
+        if df[col].null_count():
+            raise WorkbenchError(f"{path}: column {col} has {df[col].null_count()} null value(s)")
+    return df.unique(maintain_order=True)
+
+
+def _code_match(codes: list[str], patterns: list[str]) -> pl.Expr:
+    """True for events whose code is one of ``codes`` or matches any of ``patterns``."""
+    expr = pl.col("code").is_in(codes)
+    if patterns:
+        expr = expr | pl.col("code").str.contains("|".join(f"(?:{p})" for p in patterns))
+    return expr
+
+
+def _check_codes_exist(
+    fields: tuple[str, str], codes: list[str], patterns: list[str], present: list[str], where: str
+) -> None:
+    """Fail naming the field (``fields`` = codes field, patterns field) of a code or pattern that matches
+    nothing, suggesting the closest codes present."""
+    code_field, pattern_field = fields
+    known = set(present)
+    for code in codes:
+        if code not in known:
+            close = difflib.get_close_matches(code, present, n=3, cutoff=0.5)
+            hint = f"; closest codes: {', '.join(close)}" if close else ""
+            raise WorkbenchError(f"task field {code_field}: code {code!r} matches no event in {where}{hint}")
+    for pattern in patterns:
+        rx = re.compile(pattern)
+        if not any(rx.search(c) for c in present):
+            raise WorkbenchError(f"task field {pattern_field}: pattern {pattern!r} matches no code in {where}")
+
+
+def _days(x: float) -> dt.timedelta:
+    return dt.timedelta(days=x)
+
+
+def _validate_against_data(spec: TaskSpec, present: list[str], where: str) -> list[str]:
+    """Check every code the spec names against the data; returns warnings (missing competing codes)."""
+    pt, out, cen = spec.prediction_times, spec.outcome, spec.censoring
+    if pt.kind == "every_event":
+        fields = ("prediction_times.codes", "prediction_times.patterns")
+        _check_codes_exist(fields, pt.codes, pt.patterns, present, where)
+    if pt.kind == "offset":
+        _check_codes_exist(("prediction_times.anchor_codes", ""), pt.anchor_codes, [], present, where)
+    if out is not None:
+        _check_codes_exist(("outcome.codes", "outcome.patterns"), out.codes, out.patterns, present, where)
+        _check_codes_exist(("censoring.end_codes", ""), cen.end_codes, [], present, where)
+    if (spec.inclusion.min_age_years is not None or spec.inclusion.max_age_years is not None):
+        _check_codes_exist(("inclusion.birth_codes", ""), spec.inclusion.birth_codes, [], present, where)
+    warns = []
+    try:
+        _check_codes_exist(("censoring.competing_codes", "censoring.competing_patterns"), cen.competing_codes,
+                           cen.competing_patterns, present, where)
+    except WorkbenchError as exc:  # a rare competing event may simply not occur in a small dataset
+        warns.append(str(exc))
+    return warns
+
+
+def _subject_summary(events: pl.LazyFrame, spec: TaskSpec) -> pl.LazyFrame:
+    """One row per subject: first/last event, birth, follow-up end, first outcome / competing / anchor."""
+    timed = pl.col("time").is_not_null()
+    birth = pl.col("code").is_in(spec.inclusion.birth_codes)
+    cen, out = spec.censoring, spec.outcome
+    null_time = pl.lit(None, dtype=pl.Datetime("us"))
+    anchor_codes = spec.prediction_times.anchor_codes
+    return events.group_by("subject_id").agg(
+        first_time=pl.col("time").filter(timed & ~birth).min(),
+        last_time=pl.col("time").max(),
+        birth_time=pl.col("time").filter(birth).min(),
+        end_time=pl.col("time").filter(pl.col("code").is_in(cen.end_codes)).min() if cen.end_codes else null_time,
+        first_outcome=pl.col("time").filter(_code_match(out.codes, out.patterns)).min() if out else null_time,
+        first_competing=pl.col("time").filter(_code_match(cen.competing_codes, cen.competing_patterns)).min(),
+        anchor_time=(pl.col("time").filter(pl.col("code").is_in(anchor_codes)).min() if anchor_codes
+                     else pl.col("time").filter(timed & ~birth).min()),
+    ).with_columns(followup_end=pl.coalesce("end_time", "last_time"))
+
+
+def _candidate_times(events: pl.LazyFrame, summary: pl.LazyFrame, spec: TaskSpec, file_labels: pl.DataFrame | None):
+    """Candidate ``subject_id, prediction_time[, file_value]`` before any rule."""
+    pt = spec.prediction_times
+    if pt.kind == "every_event":
+        # Several matching events at one instant give a single prediction time.
+        return (
+            events.filter(_code_match(pt.codes, pt.patterns) & pl.col("time").is_not_null())
+            .select("subject_id", pl.col("time").alias("prediction_time"))
+            .unique()
+        )
+    if pt.kind == "offset":
+        times = (pl.col("anchor_time") + _days(pt.offset_days)).alias("prediction_time")
+        return summary.select("subject_id", times).drop_nulls()
+    lf = file_labels.lazy()
+    if "boolean_value" in file_labels.columns:
+        lf = lf.rename({"boolean_value": "file_value"})
+    return lf
+
+
+def _next_event_after(candidates: pl.LazyFrame, events: pl.LazyFrame, match: pl.Expr, name: str) -> pl.LazyFrame:
+    """Add ``name``: the subject's first matching event strictly after the prediction time (asof join)."""
+    targets = (
+        events.filter(match & pl.col("time").is_not_null())
+        .select("subject_id", pl.col("time").alias(name))
+        .unique()
+        .sort(name)
+    )
+    return candidates.sort("prediction_time").join_asof(
+        targets, left_on="prediction_time", right_on=name, by="subject_id",
+        strategy="forward", allow_exact_matches=False, coalesce=False,
+        check_sortedness=False,  # both sides are sorted on the asof key above; polars cannot check with by=
+    ).drop("subject_id_right", strict=False)
+
+
+def _events_up_to(candidates: pl.LazyFrame, events: pl.LazyFrame, spec: TaskSpec) -> pl.LazyFrame:
+    """Add ``n_events``: timed non-birth events at or before the prediction time.
+
+    Events and prediction times go on one timeline per subject (events first at equal times,
+    since the prediction time is inclusive); a running count of events read at each
+    prediction time is the answer, with one sort instead of a join per candidate.
+    """
+    history = events.filter(pl.col("time").is_not_null() & ~pl.col("code").is_in(spec.inclusion.birth_codes))
+    timeline = pl.concat([
+        history.select("subject_id", "time", _is_event=pl.lit(1, dtype=pl.UInt32)),
+        candidates.select("subject_id", pl.col("prediction_time").alias("time"), _is_event=pl.lit(0, dtype=pl.UInt32)),
+    ])
+    counts = (
+        timeline.sort("subject_id", "time", "_is_event", descending=[False, False, True])
+        .with_columns(n_events=pl.col("_is_event").cum_sum().over("subject_id"))
+        .filter(pl.col("_is_event") == 0)
+        .select("subject_id", pl.col("time").alias("prediction_time"), "n_events")
+        .unique(["subject_id", "prediction_time"])
+    )
+    return candidates.join(counts, on=["subject_id", "prediction_time"], how="left")
+
+
+def _rules(spec: TaskSpec) -> list[tuple[str, str, pl.Expr]]:
+    """The rules in order: (name, what it drops, expression that is True where the row is DROPPED)."""
+    t = pl.col("prediction_time")
+    inc, out, cen = spec.inclusion, spec.outcome, spec.censoring
+    rules = [("no_prior_data", "no event before the prediction time",
+              pl.col("first_time").is_null() | (t < pl.col("first_time")))]
+    if inc.min_history_days > 0:
+        rules.append(("min_history", f"less than {inc.min_history_days:g} days of history",
+                      t - pl.col("first_time") < _days(inc.min_history_days)))
+    if inc.min_events > 0:
+        rules.append(("min_events", f"fewer than {inc.min_events} events so far", pl.col("n_events") < inc.min_events))
+    if inc.min_age_years is not None or inc.max_age_years is not None:
+        age = (t - pl.col("birth_time")).dt.total_days(fractional=True) / DAYS_PER_YEAR
+        lo = inc.min_age_years if inc.min_age_years is not None else 0.0
+        hi = inc.max_age_years if inc.max_age_years is not None else float("inf")
+        rules.append(("age", f"age unknown or outside [{lo:g}, {hi:g}] years",
+                      pl.col("birth_time").is_null() | (age < lo) | (age > hi)))
+    if cen.competing_codes or cen.competing_patterns:
+        rules.append(("prior_competing", "competing event at or before the prediction time",
+                      pl.col("first_competing") <= t))
+    if out is None:
+        return rules
+    if inc.exclude_prior_outcome:
+        rules.append(("prior_outcome", "outcome at or before the prediction time", pl.col("first_outcome") <= t))
+    rules.append(("no_followup", "follow-up ends at or before the prediction time", pl.col("followup_end") <= t))
+    nxt = pl.col("next_outcome")
+    if out.gap_days > 0:
+        rules.append(("outcome_in_gap", f"outcome within the {out.gap_days:g}-day gap",
+                      nxt <= t + _days(out.gap_days)))
+    horizon_end = t + _days(out.horizon_days)
+    if cen.competing_codes or cen.competing_patterns:
+        comp = pl.col("next_competing")
+        rules.append(("censored_competing", "competing event inside the horizon before any outcome",
+                      (comp <= horizon_end) & (nxt.is_null() | (nxt > horizon_end) | (comp < nxt))))
+    rules.append(("censored_followup", f"follow-up ends before {out.horizon_days:g} days without the outcome",
+                  ~pl.col("_positive") & (pl.col("followup_end") < horizon_end)))
+    return rules
+
+
+def _label_expr(spec: TaskSpec) -> pl.Expr:
+    """The label where no rule applies: outcome inside ``(t + gap, t + horizon]``, or the file's value."""
+    if spec.outcome is None:
+        return pl.col("file_value")
+    t, nxt = pl.col("prediction_time"), pl.col("next_outcome")
+    return ((nxt > t + _days(spec.outcome.gap_days)) & (nxt <= t + _days(spec.outcome.horizon_days))).fill_null(False)
+
+
+def _check_labels_file(
+    file_labels: pl.DataFrame, subjects: pl.Series, t_min, t_max, spec: TaskSpec, where: str
+) -> None:
+    """Labels file subjects must exist in the data and its times fall within the data's time range."""
+    path = spec.prediction_times.labels_path
+    missing = file_labels.filter(~pl.col("subject_id").is_in(subjects.implode()))["subject_id"].unique().sort()
+    if missing.len():
+        raise WorkbenchError(
+            f"{path}: {missing.len()} subject(s) of the labels file are missing from the data in {where} "
+            f"(e.g. subject_id {', '.join(map(str, missing.head(5).to_list()))})"
+        )
+    outside = file_labels.filter((pl.col("prediction_time") < t_min) | (pl.col("prediction_time") > t_max))
+    if outside.height:
+        row = outside.row(0, named=True)
+        raise WorkbenchError(
+            f"{path}: {outside.height} prediction_time value(s) fall outside the data's range [{t_min}, {t_max}] "
+            f"(e.g. subject_id {row['subject_id']} at {row['prediction_time']})"
+        )
+    if spec.outcome is None and "boolean_value" not in file_labels.columns:
+        raise WorkbenchError(f"{path}: outcome is null in the task, so the labels file needs a boolean_value column")
+
+
+def _check_splits(splits: pl.DataFrame, root: Path) -> None:
+    """A subject in two splits would leak between train and test."""
+    dup = splits.filter(pl.col("subject_id").is_duplicated())["subject_id"].unique().sort()
+    if dup.len():
+        raise WorkbenchError(
+            f"{root / 'metadata/subject_splits.parquet'}: {dup.len()} subject(s) appear in more than one split "
+            f"(e.g. subject_id {', '.join(map(str, dup.head(5).to_list()))})"
+        )
+
+
+def _build_report(
+    spec: TaskSpec, df: pl.DataFrame, rules: list[tuple[str, str, pl.Expr]], n_subjects: int
+) -> CohortReport:
+    """Rule-by-rule counts from ``excluded_by`` (index of the first failing rule), and split prevalence."""
+    idx = pl.col("_rule_idx")
+    aggs = []
+    for i in range(len(rules)):
+        aggs += [
+            (idx == i).sum().alias(f"drop{i}"),
+            pl.col("subject_id").filter(idx.is_null() | (idx > i)).n_unique().alias(f"subj{i}"),
+        ]
+    counts = df.select(aggs).row(0, named=True) if rules else {}
+    rule_counts, rows_in, subj_in = [], df.height, df["subject_id"].n_unique()
+    for i, (name, desc, _) in enumerate(rules):
+        dropped = counts[f"drop{i}"]
+        rule_counts.append(RuleCount(rule=name, description=desc, rows_in=rows_in, rows_dropped=dropped,
+                                     rows_out=rows_in - dropped, subjects_out=counts[f"subj{i}"],
+                                     subjects_dropped=subj_in - counts[f"subj{i}"]))
+        rows_in, subj_in = rows_in - dropped, counts[f"subj{i}"]
+    kept = df.filter(idx.is_null())
+    per_split = (
+        kept.with_columns(pl.col("split").fill_null(NO_SPLIT))
+        .group_by("split")
+        .agg(subjects=pl.col("subject_id").n_unique(), labels=pl.len(), positives=pl.col("boolean_value").sum())
+        .with_columns(prevalence=pl.col("positives") / pl.col("labels"))
+        .with_columns(_order=pl.col("split").replace_strict(
+            {s: i for i, s in enumerate(SPLIT_ORDER)}, default=len(SPLIT_ORDER), return_dtype=pl.Int32))
+        .sort("_order", "split")
+    )
+    positives = int(kept["boolean_value"].sum() or 0)
+    return CohortReport(
+        task=spec.name, subjects_in_data=n_subjects, candidates=df.height,
+        candidate_subjects=df["subject_id"].n_unique(), rules=rule_counts,
+        splits=[SplitCount(**r) for r in per_split.drop("_order").iter_rows(named=True)],
+        labels=kept.height, subjects=kept["subject_id"].n_unique(), positives=positives,
+        prevalence=positives / kept.height if kept.height else 0.0,
+    )
+
+
+def _check_result(report: CohortReport, spec: TaskSpec, where: str) -> list[str]:
+    """Fail on an unusable cohort (nothing kept, no train positives); return warnings (low prevalence)."""
+    if report.labels == 0:
+        worst = max(report.rules, key=lambda r: r.rows_dropped, default=None)
+        why = f" (most dropped by rule {worst.rule!r}: {worst.rows_dropped})" if worst and worst.rows_dropped else ""
+        raise WorkbenchError(f"task {spec.name!r} on {where}: all {report.candidates} candidate prediction times "
+                             f"were excluded, no labels{why}")
+    if spec.require_train_positives:
+        by_split = {s.split: s for s in report.splits}
+        has_splits = any(s != NO_SPLIT for s in by_split)
+        scope = by_split.get("train") if has_splits else by_split.get(NO_SPLIT)
+        if scope is None or scope.positives == 0:
+            name = "the train split" if has_splits else "the cohort (the dataset has no splits)"
+            n = 0 if scope is None else scope.labels
+            raise WorkbenchError(
+                f"task {spec.name!r} on {where}: zero positive labels in {name} ({n} labels); check outcome.codes "
+                f"and outcome.horizon_days, or set require_train_positives: false"
+            )
+    if report.prevalence < spec.warn_prevalence_below:
+        return [f"label prevalence {report.prevalence:.3%} is below {spec.warn_prevalence_below:.0%} "
+                f"({report.positives} positives in {report.labels} labels)"]
+    return []
+
+
+def _candidate_frame(events: pl.LazyFrame, spec: TaskSpec, file_labels: pl.DataFrame | None) -> pl.LazyFrame:
+    """Candidate prediction times with everything the rules read: subject summary, next outcome /
+    competing event after the prediction time, and the event count so far."""
+    summary = _subject_summary(events, spec)
+    lf = _candidate_times(events, summary, spec, file_labels).join(summary, on="subject_id", how="left")
+    out, cen = spec.outcome, spec.censoring
+    if out is not None:
+        lf = _next_event_after(lf, events, _code_match(out.codes, out.patterns), "next_outcome")
+    if cen.competing_codes or cen.competing_patterns:
+        lf = _next_event_after(lf, events, _code_match(cen.competing_codes, cen.competing_patterns), "next_competing")
+    if spec.inclusion.min_events > 0:
+        lf = _events_up_to(lf, events, spec)
+    return lf.with_columns(_positive=_label_expr(spec))
+
+
+def _apply_rules(lf: pl.LazyFrame, rules: list[tuple[str, str, pl.Expr]], splits: pl.DataFrame) -> pl.LazyFrame:
+    """Add ``_rule_idx``/``excluded_by`` (the FIRST failing rule, null if kept), ``boolean_value``
+    (kept rows only) and each subject's ``split``."""
+    first_failing = pl.lit(None, dtype=pl.Int32)
+    for i in reversed(range(len(rules))):  # built back to front so the first failing rule wins
+        first_failing = pl.when(rules[i][2].fill_null(False)).then(pl.lit(i, dtype=pl.Int32)).otherwise(first_failing)
+    return (
+        lf.with_columns(_rule_idx=first_failing)
+        .join(splits.lazy(), on="subject_id", how="left")
+        .with_columns(
+            boolean_value=pl.when(pl.col("_rule_idx").is_null()).then(pl.col("_positive")),
+            excluded_by=pl.col("_rule_idx").replace_strict(
+                list(range(len(rules))), [name for name, _, _ in rules], default=None, return_dtype=pl.String
+            ),
+        )
+        .sort("subject_id", "prediction_time")
+    )
+
+
+def make_labels(dataset: MedsDataset | str | os.PathLike, spec: TaskSpec | str | os.PathLike | dict) -> LabelResult:
+    """Label ``dataset`` with task ``spec`` (a TaskSpec, YAML path or shipped name).
+
+    Raises WorkbenchError on bad input (codes matching nothing, a labels file with unknown
+    subjects or out-of-range times, no labels, no positives in train); warns (and records in
+    the report) when prevalence is below ``spec.warn_prevalence_below``.
+    """
+    ds = dataset if isinstance(dataset, MedsDataset) else open_dataset(dataset)
+    spec = load_task(spec)
+    where = str(ds.root)
+    events = ds.events()
+    splits = ds.splits()
+    _check_splits(splits, ds.root)
+
+    # One pass for everything validation needs: codes present, subjects, time range.
+    codes_df, subj_df, range_df = pl.collect_all([
+        events.select(pl.col("code").unique()),
+        events.select(pl.col("subject_id").unique()),
+        events.select(t_min=pl.col("time").min(), t_max=pl.col("time").max()),
+    ])
+    notes = _validate_against_data(spec, codes_df["code"].drop_nulls().sort().to_list(), where)
+    file_labels = None
+    if spec.prediction_times.kind == "labels_file":
+        file_labels = read_labels(spec.prediction_times.labels_path)
+        _check_labels_file(file_labels, subj_df["subject_id"], range_df["t_min"][0], range_df["t_max"][0], spec, where)
+
+    rules = _rules(spec)
+    df = _apply_rules(_candidate_frame(events, spec, file_labels), rules, splits).collect(engine="streaming")
+    report = _build_report(spec, df, rules, subj_df.height)
+    notes += _check_result(report, spec, where)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    report = report.model_copy(update={"warnings": notes})
+    keep = ["subject_id", "prediction_time", "split", "boolean_value", "excluded_by", "first_time", "followup_end",
+            "birth_time"] + [c for c in ("next_outcome", "next_competing", "n_events") if c in df.columns]
+    return LabelResult(spec=spec, candidates=df.select(keep), report=report)
