@@ -246,6 +246,227 @@ def features_command(
     splits = ", ".join(f"{k or '(none)'}={v}" for k, v in ft.split_counts(tensors.split).items())
     typer.echo(f"wrote {out}: X [{n}, {t}, {f}] ({splits}); content hash {tensors.content_hash()[:16]}")
 
+# --- ui commands ---
+
+
+def _public_warning(public: bool, host: str) -> None:
+    """Say loudly that a server will be reachable from other machines."""
+    if public:
+        console.print(
+            f"[bold red]WARNING:[/] binding to {escape(host)}: anyone who can reach this machine "
+            "can reach this server and the patient data behind it",
+            highlight=False, soft_wrap=True,
+        )
+
+
+@app.command("ui")
+@reports_errors
+def ui_command(
+    port: int = typer.Option(5000, "--port", help="Port for the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless --public)."),
+    public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (exposes the runs)."),
+) -> None:
+    """Start the MLflow UI over mlruns/ in the foreground (Ctrl-C stops it)."""
+    from workbench.ui import check_host, exec_server, mlflow_ui_command
+
+    command = mlflow_ui_command(host=host, port=port, public=public)
+    _public_warning(check_host(host, public), host)
+    console.print(f"MLflow UI: {command.url}", highlight=False, soft_wrap=True)
+    exec_server(command)
+
+
+@app.command("lab")
+@reports_errors
+def lab_command(
+    port: int = typer.Option(8888, "--port", help="Port for JupyterLab."),
+    token: Optional[str] = typer.Option(None, "--token", help="Access token (a random one if omitted)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless --public)."),
+    public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (exposes the notebooks)."),
+) -> None:
+    """Start JupyterLab in notebooks/ with a token, in the foreground (Ctrl-C stops it)."""
+    from workbench.pipelines import ensure_kernelspec
+    from workbench.ui import check_host, exec_server
+    from workbench.ui import lab_command as build_lab_command
+
+    command = build_lab_command(host=host, port=port, token=token, public=public)
+    _public_warning(check_host(host, public), host)
+    ensure_kernelspec()  # the notebooks' "workbench" kernel must exist before a user opens one
+    console.print(f"JupyterLab: {command.url}", highlight=False, soft_wrap=True)
+    exec_server(command)
+
+# --- model commands (predict) ---
+
+
+@app.command()
+@reports_errors
+def predict(
+    model: str = typer.Option(..., "--model", help="Registered model, e.g. models:/pbc_mortality@champion"),
+    data: Path = typer.Option(..., "--data", help="MEDS dataset root to score"),
+    out: Path = typer.Option(..., "--out", help="Output parquet: subject_id, prediction_time, risk"),
+    times: Optional[Path] = typer.Option(None, "--times", help="Parquet of subject_id, prediction_time (default: each subject's last event)"),
+) -> None:
+    """Score a MEDS dataset with a registered model and its saved FeatureSpec."""
+    from workbench.data.meds_io import write_parquet_atomic
+    from workbench.experiment import score
+
+    preds = score(model, data, times)
+    write_parquet_atomic(preds, out)
+    Console().print(f"{preds.height:,} predictions -> {out}")
+
+
+# --- schedule commands ---
+
+schedule_app = typer.Typer(no_args_is_help=True, help="Cron schedules that rerun pipelines (run by `workbench scheduler`).")
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("add")
+@reports_errors
+def schedule_add(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/pbc_mortality.yaml"),
+    cron: str = typer.Option(..., "--cron", help='Crontab expression, local time: "0 2 * * 1" = Mondays 02:00'),
+    param: Optional[list[str]] = typer.Option(None, "-p", "--param", help="Pipeline parameter override key=value (repeatable)"),
+    name: Optional[str] = typer.Option(None, "--name", help="Schedule name (default: the pipeline's name)"),
+    use_cache: bool = typer.Option(False, "--use-cache", help="Reuse unchanged steps (default: rerun every step)"),
+) -> None:
+    """Schedule a pipeline (checked now; nothing runs until `workbench scheduler` is running)."""
+    from workbench.pipelines import parse_overrides
+    from workbench.schedule import add_schedule, list_schedules
+
+    added = add_schedule(pipeline, cron, parse_overrides(param), name=name, force=not use_cache)
+    info = next(s for s in list_schedules() if s.name == added)
+    console.print(f"scheduled {escape(added)}: next run {info.next_run:%Y-%m-%d %H:%M %Z}", highlight=False)
+
+
+@schedule_app.command("list")
+@reports_errors
+def schedule_list(
+    auroc_drop: float = typer.Option(0.05, "--auroc-drop", help="Flag a run whose held-out AUROC fell by more than this"),
+) -> None:
+    """Schedules with their next run, last run, last status and MLflow parent run."""
+    from rich.table import Table
+
+    from workbench.schedule import list_schedules
+
+    styles = {"finished": "green", "failed": "bold red", "killed": "bold red", "skipped": "yellow", "running": "cyan"}
+    table = Table(title="schedules")
+    for column in ("name", "pipeline", "cron", "params", "next run", "last run", "status", "MLflow run", "flag"):
+        table.add_column(column, overflow="fold")  # fold, never cut: the run link must stay whole
+    for s in list_schedules(auroc_drop):
+        status = s.last_status
+        table.add_row(
+            escape(s.name), escape(s.pipeline), escape(s.cron), escape(", ".join(f"{k}={v}" for k, v in s.overrides.items())),
+            "paused" if s.next_run is None else f"{s.next_run:%Y-%m-%d %H:%M %Z}",
+            s.last.triggered_at if s.last else "", f"[{styles.get(status, '')}]{status}[/]" if status else "",
+            escape(s.run_link()), f"[bold red]AUROC fell > {auroc_drop:g}[/]" if s.auroc_dropped else "",
+        )
+    Console(width=200).print(table)
+
+
+@schedule_app.command("remove")
+@reports_errors
+def schedule_remove(name: str = typer.Argument(..., help="Schedule name")) -> None:
+    """Delete a schedule (its run history is kept)."""
+    from workbench.schedule import remove_schedule
+
+    remove_schedule(name)
+    console.print(f"removed schedule {escape(name)}", highlight=False)
+
+
+@schedule_app.command("pause")
+@reports_errors
+def schedule_pause(name: str = typer.Argument(..., help="Schedule name")) -> None:
+    """Stop triggering a schedule until it is resumed."""
+    from workbench.schedule import pause_schedule
+
+    pause_schedule(name)
+    console.print(f"paused schedule {escape(name)}", highlight=False)
+
+
+@schedule_app.command("resume")
+@reports_errors
+def schedule_resume(name: str = typer.Argument(..., help="Schedule name")) -> None:
+    """Trigger a paused schedule again from its next fire time."""
+    from workbench.schedule import resume_schedule
+
+    resume_schedule(name)
+    console.print(f"resumed schedule {escape(name)}", highlight=False)
+
+
+@app.command("scheduler")
+@reports_errors
+def scheduler_command(
+    poll: float = typer.Option(10.0, "--poll", help="Seconds between re-reading the schedules others change"),
+) -> None:
+    """Run scheduled pipelines in the foreground until SIGTERM / Ctrl-C (waits for running pipelines)."""
+    import logging
+
+    from workbench.schedule import run_scheduler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_scheduler(poll_seconds=poll)
+
+
+# --- team commands (shared MLflow server, Prefect deployments) ---
+
+
+@app.command("server")
+@reports_errors
+def server_command(
+    backend_store_uri: str = typer.Option(
+        ..., "--backend-store-uri", envvar="MLFLOW_BACKEND_STORE_URI",
+        help="PostgreSQL URI, postgresql://USER[:PASSWORD]@HOST:PORT/DB (the password is passed as PGPASSWORD)",
+    ),
+    artifacts_destination: Optional[str] = typer.Option(
+        None, "--artifacts-destination", help="Where proxied artifacts are stored: a directory or s3://... (default ./mlartifacts)"
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback unless --public)."),
+    port: int = typer.Option(5000, "--port", help="Port for the tracking server."),
+    workers: int = typer.Option(2, "--workers", help="Server worker processes."),
+    public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (put TLS in front of it)."),
+    allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Host headers to accept when public (mlflow's flag)."),
+    auth_db_uri: Optional[str] = typer.Option(None, "--auth-db-uri", help="Database for users and permissions (default: the backend store)."),
+    default_permission: str = typer.Option("READ", "--default-permission", help="What users may do with others' experiments."),
+    state: Optional[Path] = typer.Option(None, "--state-dir", help="Holds basic_auth.ini and the CSRF key (default ./mlflow-server)."),
+    print_only: bool = typer.Option(False, "--print", help="Print the mlflow server command line and exit."),
+) -> None:
+    """Start a shared MLflow tracking server: PostgreSQL store, proxied artifacts, basic auth (Ctrl-C stops it)."""
+    import shlex
+
+    from workbench.server import tracking_server_command
+    from workbench.ui import exec_server
+
+    command = tracking_server_command(
+        backend_store_uri, artifacts_destination, host=host, port=port, workers=workers, public=public,
+        auth_db_uri=auth_db_uri, default_permission=default_permission, allowed_hosts=allowed_hosts,
+        state=state, check=not print_only,
+    )
+    if print_only:
+        typer.echo(f"MLFLOW_AUTH_CONFIG_PATH={shlex.quote(command.env['MLFLOW_AUTH_CONFIG_PATH'])} {shlex.join(command.argv)}")
+        return
+    _public_warning(public and host not in ("127.0.0.1", "localhost", "::1"), host)
+    console.print(
+        f"MLflow tracking server: {command.url}  (clients: MLFLOW_TRACKING_URI={command.url.rstrip('/')} "
+        "with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)", highlight=False, soft_wrap=True,
+    )
+    exec_server(command)
+
+
+@app.command("deploy")
+@reports_errors
+def deploy_command(
+    pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/pbc_mortality.yaml"),
+    cron: str = typer.Option(..., "--cron", help='Crontab expression: "0 2 * * 1" = Mondays 02:00'),
+    param: Optional[list[str]] = typer.Option(None, "-p", "--param", help="Pipeline parameter override key=value (repeatable)"),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the pipeline's name)"),
+    force: bool = typer.Option(False, "--force", help="Scheduled runs rerun every step (default: reuse unchanged steps)"),
+) -> None:
+    """Serve a pipeline as a Prefect deployment on a cron schedule (Prefect's scheduler; Ctrl-C stops)."""
+    from workbench.orchestrate import serve
+    from workbench.pipelines import load_pipeline, parse_overrides
+
+    serve(load_pipeline(pipeline, parse_overrides(param)), cron, name=name, force=force)
+
 # --- pipeline commands ---
 
 
@@ -276,11 +497,14 @@ def run_pipeline_command(
         None, "-p", "--param", help="Override a pipeline or notebook parameter: key=value (repeatable)"
     ),
     force: bool = typer.Option(False, "--force", help="Rerun every step, even those whose inputs are unchanged"),
+    engine: Optional[str] = typer.Option(
+        None, "--engine", help="local, or prefect (a Prefect flow; see docs/teams.md); default: the pipeline's engine"
+    ),
 ) -> None:
     """Run a pipeline's notebooks with Papermill, one MLflow run each (exit 1 if a step fails)."""
     from workbench.pipelines import parse_overrides, run_pipeline
 
-    result = run_pipeline(pipeline, parse_overrides(param), force=force, console=console)
+    result = run_pipeline(pipeline, parse_overrides(param), force=force, engine=engine, console=console)
     print_pipeline_result(result)
     failed = result.failure
     if failed is not None:

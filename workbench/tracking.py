@@ -124,9 +124,29 @@ def keras_signature(n_steps: int, n_features: int):
 
 def log_keras_model(model, n_steps: int, n_features: int):
     """Log a Keras model with its signature; returns MLflow's ModelInfo."""
+    import keras
     import mlflow.keras
 
-    return mlflow.keras.log_model(model, name="model", signature=keras_signature(n_steps, n_features))
+    # Explicit requirements: MLflow's inference reloads the model in a subprocess (slow, and it
+    # fails on the +cpu local version label of torch).
+    return mlflow.keras.log_model(
+        model, name="model", signature=keras_signature(n_steps, n_features),
+        pip_requirements=[f"keras=={keras.__version__}", "torch==2.13.0", f"workbench=={workbench_version()}"],
+    )
+
+
+def log_sklearn_model(estimator):
+    """Log a scikit-learn estimator (the logistic reference) with explicit requirements."""
+    import mlflow.sklearn
+    import sklearn
+
+    return mlflow.sklearn.log_model(estimator, name="model", pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
+
+
+def workbench_version() -> str:
+    from workbench import __version__
+
+    return __version__
 
 
 def register_and_maybe_promote(model_uri: str, name: str, auroc: float) -> dict:
@@ -176,3 +196,31 @@ def download_artifact(run_id: str, path: str) -> Path:
     """Download one run artifact to a temp dir and return its local path."""
     dst = Path(tempfile.mkdtemp(prefix="workbench-artifact-"))
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def log_data_input(dataset_root: str | os.PathLike, fingerprint: str, task: str) -> None:
+    """Record the MEDS dataset as the run's input, its fingerprint as the digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(Path(dataset_root).resolve()))
+    name = f"{task}:{Path(dataset_root).name}"
+    mlflow.log_input(MetaDataset(source, name=name, digest=fingerprint[:40]), context="training")
+
+
+def log_predictions(tensors, risk: np.ndarray, artifact_file: str = "predictions/held_out.parquet") -> None:
+    """Held-out predictions (pseudonymous subject id, prediction time, label, risk) as a parquet artifact."""
+    import polars as pl
+
+    frame = pl.DataFrame(
+        {
+            "subject_id": tensors.subject_id,
+            "prediction_time": tensors.prediction_time,
+            "label": tensors.y,
+            "risk": np.asarray(risk, dtype=np.float64),
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        frame.write_parquet(path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent))

@@ -1,0 +1,134 @@
+"""Issue 4 end to end on the bundled PBC task: train, evaluate, log to a real MLflow SQLite store,
+read everything back through the MLflow client, promote a champion, score with `workbench predict`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workbench import tracking
+from workbench.data.datasets import load
+from workbench.experiment import run_model
+from workbench.features import FeatureConfig, fit_transform
+from workbench.models import ModelConfig
+from workbench.tasks import make_labels
+from workbench.training import TrainConfig
+
+pytestmark = pytest.mark.slow
+TASK = "pbc_mortality"
+
+
+@pytest.fixture(scope="module")
+def pbc_runs(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    old = {k: os.environ.get(k) for k in ("WORKBENCH_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["WORKBENCH_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    root = load("pbc")
+    labels = make_labels(root, TASK)
+    _, tensors = fit_transform(root, labels.labels, FeatureConfig(bin_width="90d", n_steps=16))
+    train = TrainConfig(epochs=4, patience=4, progress=False, seed=1)
+    runs = {
+        kind: run_model(kind, tensors, task=TASK, model_config=ModelConfig(units=16), train_config=train,
+                        cohort_report=labels.report, data_root=str(root))
+        for kind in ("lstm", "gru", "rnn", "logistic", "mayo")
+    }
+    yield home, root, tensors, runs
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_runs_read_back_through_the_client(pbc_runs):
+    home, _, tensors, runs = pbc_runs
+    assert tracking.tracking_uri() == f"sqlite:///{home / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(TASK)
+    assert exp.artifact_location.startswith((home / "mlruns" / "artifacts").as_uri())
+    for kind, model_run in runs.items():
+        run = client.get_run(model_run.run_id)
+        assert run.info.status == "FINISHED" and run.info.experiment_id == exp.experiment_id
+        assert run.data.tags["workbench.model"] == kind and run.data.tags["workbench.task"] == TASK
+        assert run.data.tags["mlflow.source.git.commit"]
+        assert run.data.params["model_kind"] == kind
+        assert run.data.params["config.features.bin_width"] == "90d"
+        metrics = run.data.metrics
+        for name in ("auroc", "auprc", "brier", "ece", "sensitivity", "specificity", "ppv", "npv"):
+            low, value, high = (metrics[f"held_out_{name}{s}"] for s in ("_ci_low", "", "_ci_high"))
+            assert low <= value <= high, (kind, name)
+        assert metrics["held_out_auroc"] == pytest.approx(model_run.evaluation.metrics["auroc"]["value"])
+        assert metrics["cohort_labels"] == tensors.X.shape[0]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"plots", "feature_spec.json", "cohort", "evaluation", "predictions"} <= artifacts, artifacts
+        plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"plots/roc.png", "plots/pr.png", "plots/calibration.png"} <= plots
+        dataset = run.inputs.dataset_inputs[0].dataset
+        assert dataset.digest == tensors.spec.fitted_on.data_fingerprint[:40]
+        if kind in ("lstm", "gru", "rnn"):
+            assert run.data.params["config.model.kind"] == kind
+            history = client.get_metric_history(run.info.run_id, "tune_auroc")
+            assert [m.step for m in history] == list(range(1, len(history) + 1)) and len(history) >= 2
+            assert "plots/training_curves.png" in plots
+            assert model_run.registry is not None
+        if kind != "mayo":
+            assert client.get_logged_model(run.outputs.model_outputs[0].model_id).name == "model"
+
+
+def test_champion_is_the_best_registered_version(pbc_runs):
+    _, _, _, runs = pbc_runs
+    client = MlflowClient(tracking.tracking_uri())
+    versions = client.search_model_versions(f"name='{TASK}'")
+    assert len(versions) == 3  # the three sequence models
+    by_auroc = {float(v.tags[tracking.AUROC_TAG]): int(v.version) for v in versions}
+    champion = client.get_model_version_by_alias(TASK, tracking.CHAMPION)
+    assert int(champion.version) == by_auroc[max(by_auroc)]
+    # A new version that does not beat the champion leaves the alias where it is ...
+    worse = tracking.register_and_maybe_promote(f"runs:/{runs['gru'].run_id}/model", TASK, min(by_auroc) - 0.01)
+    assert not worse["promoted"]
+    assert int(client.get_model_version_by_alias(TASK, tracking.CHAMPION).version) == int(champion.version)
+    # ... and one that beats it takes the alias.
+    better = tracking.register_and_maybe_promote(f"runs:/{runs['gru'].run_id}/model", TASK, max(by_auroc) + 0.01)
+    assert better["promoted"]
+    assert int(client.get_model_version_by_alias(TASK, tracking.CHAMPION).version) == better["version"]
+
+
+def test_predict_in_a_new_process_matches_in_process_predictions(pbc_runs, tmp_path):
+    home, root, tensors, runs = pbc_runs
+    held_out = tensors.by_split("held_out")
+    times = tmp_path / "times.parquet"
+    pl.DataFrame({"subject_id": held_out.subject_id, "prediction_time": held_out.prediction_time}).write_parquet(times)
+    out = tmp_path / "preds.parquet"
+    client = MlflowClient(tracking.tracking_uri())
+    version = client.get_model_version_by_alias(TASK, tracking.CHAMPION)
+    uri = f"models:/{TASK}/{version.version}"
+    expected = next(r for r in runs.values() if r.run_id == version.run_id).risk
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "predict", "--model", uri, "--data", str(root), "--out", str(out),
+         "--times", str(times)],
+        capture_output=True, text=True, env={**os.environ, "WORKBENCH_HOME": str(home)}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    preds = pl.read_parquet(out)
+    assert preds.columns == ["subject_id", "prediction_time", "risk"]
+    assert preds["subject_id"].to_list() == held_out.subject_id.tolist()
+    np.testing.assert_allclose(preds["risk"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_reports_an_unknown_model(pbc_runs, tmp_path):
+    home, root, _, _ = pbc_runs
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "predict", "--model", "models:/nope@champion", "--data", str(root),
+         "--out", str(tmp_path / "p.parquet")],
+        capture_output=True, text=True, env={**os.environ, "WORKBENCH_HOME": str(home)}, timeout=120,
+    )
+    assert proc.returncode == 2 and "models:/nope@champion" in proc.stderr + proc.stdout
+    assert not (tmp_path / "p.parquet").exists()

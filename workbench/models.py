@@ -1,0 +1,280 @@
+"""Risk models: recurrent networks over SequenceTensors, plus two non-sequence references.
+
+Sequence models (Keras 3 on the torch backend) read ``X`` [N, T, F], left-padded with zeros
+so the last step is the most recent, and output a risk in [0, 1] of shape [N, 1].
+
+Why a fused layer: Keras's own LSTM/GRU/SimpleRNN under the torch backend runs a Python loop
+per time step on CPU (about 4x slower than ``torch.nn.LSTM``), and reaches cuDNN on GPU only
+without a mask. :class:`FusedRecurrent` runs ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` instead
+(oneDNN on CPU, cuDNN on GPU) with its weights tracked as Keras variables, so the model is
+still a Keras model (fit, predict, ``.keras`` save, MLflow's Keras flavor) and still a
+``torch.nn.Module`` (autograd to the inputs for SHAP). There is no Masking layer: padding
+steps are zeros and come first, so the network learns to pass over them, and a mask would
+take cuDNN away on GPU. The fused kernels cannot apply recurrent dropout; a config asking
+for it gets Keras's own layer (correct, slower).
+
+References every comparison shows: :class:`LogisticReference` (logistic regression on the
+last step's features) and :func:`mayo_pbc_score` (the published Mayo PBC risk score).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The project pins the torch backend (SHAP's GradientExplainer needs a torch module);
+# it must be chosen before keras is first imported.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from typing import Literal  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+from workbench.errors import WorkbenchError  # noqa: E402
+
+RecurrentKind = Literal["lstm", "gru", "rnn"]
+
+_TORCH_MODULES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+_KERAS_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+# Rows per unit in torch's stacked gate matrices (LSTM: i, f, g, o; GRU: r, z, n).
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+class ModelConfig(BaseModel):
+    """Architecture and optimizer of a sequence risk model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: RecurrentKind = Field("lstm", description="Recurrent layer: lstm, gru or rnn (SimpleRNN).")
+    units: int = Field(64, ge=1, le=2048, description="Hidden units per recurrent layer (per direction).")
+    layers: int = Field(1, ge=1, le=8, description="Number of stacked recurrent layers.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of each recurrent layer's input features dropped in training (same mask at every step)."
+    )
+    recurrent_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the recurrent state; > 0 switches to Keras's slower per-step layers."
+    )
+    bidirectional: bool = Field(False, description="Also read the sequence backwards and concatenate both directions.")
+    head_units: int = Field(0, ge=0, le=4096, description="Units of an optional ReLU dense layer before the risk output (0 = none).")
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate.")
+
+
+@keras.saving.register_keras_serializable(package="workbench")
+class FusedRecurrent(keras.layers.Layer):
+    """One recurrent layer run by torch's fused kernel, with Keras-tracked weights.
+
+    Args:
+        kind: "lstm", "gru" or "rnn" (tanh SimpleRNN).
+        units: hidden units per direction.
+        dropout: fraction of input features dropped in training, one mask per sequence
+            (the same meaning as Keras's ``LSTM(dropout=...)``).
+        bidirectional: run a backward pass too; outputs have ``2 * units`` features.
+        return_sequences: return [N, T, units] instead of the last state [N, units].
+        seed: seeds the weight initializers and the dropout masks.
+
+    Weights start as Keras's recurrent layers start theirs (Glorot-uniform input kernel,
+    orthogonal recurrent kernel, zero bias, LSTM forget-gate bias 1). Torch backend only.
+    """
+
+    def __init__(
+        self,
+        kind: str = "lstm",
+        units: int = 64,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        return_sequences: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if keras.backend.backend() != "torch":
+            raise WorkbenchError(f"FusedRecurrent needs KERAS_BACKEND=torch, not {keras.backend.backend()!r}")
+        if kind not in _TORCH_MODULES:
+            raise WorkbenchError(f"FusedRecurrent kind must be one of {sorted(_TORCH_MODULES)}, not {kind!r}")
+        self.kind = kind
+        self.units = units
+        self.dropout = dropout
+        self.bidirectional = bidirectional
+        self.return_sequences = return_sequences
+        self.seed = seed
+        self.dropout_seeds = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        """Create the torch module; the wrapper exposes its parameters as Keras variables."""
+        module = _TORCH_MODULES[self.kind](
+            input_size=input_shape[-1], hidden_size=self.units, batch_first=True, bidirectional=self.bidirectional
+        )
+        self._initialize_like_keras(module)
+        # TorchModuleWrapper saves/loads the module's state_dict as this layer's weights;
+        # the module itself is rebuilt here from get_config, so no pickle is involved.
+        self.torch_rnn = keras.layers.TorchModuleWrapper(module, name=f"torch_{self.kind}")
+
+    def _initialize_like_keras(self, module: torch.nn.Module) -> None:
+        """Keras's recurrent initializers (better than torch's uniform for long sequences)."""
+        gates = _GATES[self.kind]
+        seed = 0 if self.seed is None else self.seed
+        with torch.no_grad():
+            for i, (name, param) in enumerate(module.named_parameters()):
+                if name.startswith("weight_ih"):
+                    init = keras.initializers.GlorotUniform(seed=seed + i)
+                elif name.startswith("weight_hh"):
+                    init = keras.initializers.Orthogonal(seed=seed + i)
+                else:
+                    param.zero_()
+                    if self.kind == "lstm" and name.startswith("bias_ih"):
+                        param[self.units : 2 * self.units] = 1.0  # unit forget bias
+                    continue
+                # Keras kernels are [inputs, gates * units]; torch stores the transpose.
+                kernel = init((param.shape[1], gates * self.units))
+                param.copy_(torch.as_tensor(keras.ops.convert_to_numpy(kernel)).T)
+
+    def call(self, inputs, training=None):
+        if training and self.dropout > 0:
+            n, _, f = inputs.shape
+            inputs = keras.random.dropout(inputs, self.dropout, noise_shape=(n, 1, f), seed=self.dropout_seeds)
+        # Call the module directly: it has no train/eval-dependent parts (one layer, no
+        # inter-layer dropout), and skipping the wrapper's Keras call saves per-step overhead.
+        outputs, state = self.torch_rnn.module(inputs)
+        if self.return_sequences:
+            return outputs
+        hidden = state[0] if self.kind == "lstm" else state  # [directions, N, units]
+        # Forward direction's state after the last step; backward's after the first.
+        return torch.cat(list(hidden), dim=-1)
+
+    def compute_output_shape(self, input_shape):
+        width = self.units * (2 if self.bidirectional else 1)
+        if self.return_sequences:
+            return (input_shape[0], input_shape[1], width)
+        return (input_shape[0], width)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "kind": self.kind,
+            "units": self.units,
+            "dropout": self.dropout,
+            "bidirectional": self.bidirectional,
+            "return_sequences": self.return_sequences,
+            "seed": self.seed,
+        }
+
+
+def recurrent_layer(config: ModelConfig, index: int, return_sequences: bool, seed: int) -> keras.layers.Layer:
+    """The ``index``-th recurrent layer: fused torch kernel, or Keras's own when recurrent dropout is on."""
+    name = f"{config.kind}_{index + 1}"
+    if config.recurrent_dropout == 0.0:
+        return FusedRecurrent(
+            kind=config.kind,
+            units=config.units,
+            dropout=config.dropout,
+            bidirectional=config.bidirectional,
+            return_sequences=return_sequences,
+            seed=seed + 1000 * index,
+            name=name,
+        )
+    layer = _KERAS_LAYERS[config.kind](
+        config.units,
+        dropout=config.dropout,
+        recurrent_dropout=config.recurrent_dropout,
+        return_sequences=return_sequences,
+        seed=seed + 1000 * index,
+        name=name,
+    )
+    return keras.layers.Bidirectional(layer, name=f"bi_{name}") if config.bidirectional else layer
+
+
+def build_model(config: ModelConfig, n_steps: int, n_features: int, seed: int = 0) -> keras.Model:
+    """A compiled Keras model mapping [N, n_steps, n_features] to a risk [N, 1].
+
+    ``seed`` fixes every initial weight (Keras's global seed is also set, for layers that
+    draw from it). The model is named for its kind, e.g. ``lstm_risk``.
+    """
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(n_steps, n_features), name="sequence")
+    x = inputs
+    for i in range(config.layers):
+        x = recurrent_layer(config, i, return_sequences=i < config.layers - 1, seed=seed)(x)
+    if config.head_units:
+        dense_init = keras.initializers.GlorotUniform(seed=seed + 1)
+        x = keras.layers.Dense(config.head_units, activation="relu", kernel_initializer=dense_init, name="risk_features")(x)
+    risk_init = keras.initializers.GlorotUniform(seed=seed + 2)
+    risk = keras.layers.Dense(1, activation="sigmoid", kernel_initializer=risk_init, name="risk")(x)
+    model = keras.Model(inputs, risk, name=f"{config.kind}_risk")
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+    )
+    return model
+
+
+class LogisticReference:
+    """Logistic regression on the last time step's features: the non-sequence baseline.
+
+    Shows how much the sequence model gains from history over the most recent values.
+    """
+
+    def __init__(self, C: float = 1.0, class_weight: str | None = "balanced", max_iter: int = 2000):
+        from sklearn.linear_model import LogisticRegression
+
+        self.model = LogisticRegression(C=C, class_weight=class_weight, max_iter=max_iter)
+
+    @staticmethod
+    def last_step(X: np.ndarray) -> np.ndarray:
+        """[N, F] features of the most recent step (left padding puts it last)."""
+        if X.ndim != 3:
+            raise WorkbenchError(f"LogisticReference expects X of shape [N, T, F], got {X.shape}")
+        return X[:, -1, :]
+
+    def fit(self, X_train: np.ndarray, y_train: np.ndarray) -> "LogisticReference":
+        self.model.fit(self.last_step(X_train), np.asarray(y_train).astype(int))
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Risk [N] of the positive class."""
+        return self.model.predict_proba(self.last_step(X))[:, 1]
+
+
+# Mayo PBC model (Dickson et al., Hepatology 1989); units: bilirubin mg/dL, albumin g/dL,
+# prothrombin time s, age years, edema 0 / 0.5 / 1.
+MAYO_FEATURES = {
+    "bilirubin": "LAB//bilirubin/last",
+    "albumin": "LAB//albumin/last",
+    "protime": "LAB//protime/last",
+    "age": "static/age_years",
+    "edema": "EXAM//edema/last",
+}
+
+
+def mayo_pbc_score(raw_last: dict[str, np.ndarray]) -> np.ndarray:
+    """Mayo PBC risk score R per patient, with the published coefficients (nothing fitted).
+
+    R = 0.871 ln(bilirubin) - 2.53 ln(albumin) + 0.039 age + 2.38 ln(protime) + 0.859 edema.
+    ``raw_last`` holds unnormalized arrays keyed bilirubin, albumin, protime, age, edema.
+    A missing (NaN) input gives NaN for that patient; a non-positive lab value is an error.
+    """
+    missing = [k for k in MAYO_FEATURES if k not in raw_last]
+    if missing:
+        raise WorkbenchError(f"Mayo PBC score needs {missing} (have {sorted(raw_last)})")
+    v = {k: np.asarray(raw_last[k], dtype=np.float64) for k in MAYO_FEATURES}
+    for lab in ("bilirubin", "albumin", "protime"):
+        bad = int(np.sum(v[lab] <= 0))
+        if bad:
+            raise WorkbenchError(f"Mayo PBC score: {bad} non-positive {lab} values (logarithm undefined); pass raw, unnormalized values")
+    return (
+        0.871 * np.log(v["bilirubin"])
+        - 2.53 * np.log(v["albumin"])
+        + 0.039 * v["age"]
+        + 2.38 * np.log(v["protime"])
+        + 0.859 * v["edema"]
+    )
+
+
+def mayo_inputs_from_features(raw_X_last: np.ndarray, feature_names) -> dict[str, np.ndarray]:
+    """Pick the Mayo score's inputs from raw last-step features [N, F] by feature name."""
+    names = list(feature_names)
+    absent = [feat for feat in MAYO_FEATURES.values() if feat not in names]
+    if absent:
+        raise WorkbenchError(f"Mayo PBC score needs feature(s) {absent}, which the feature spec does not produce")
+    return {key: raw_X_last[:, names.index(feat)] for key, feat in MAYO_FEATURES.items()}
