@@ -69,18 +69,6 @@ def validate(root: Path = typer.Argument(..., help="MEDS dataset root (data/ and
         raise typer.Exit(2)
 
 
-@app.command()
-@reports_errors
-def demo() -> None:
-    """The main job: validate the bundled PBC dataset and print its summary."""
-    from workbench.data.datasets import load
-    from workbench.data.validate import validate_dataset
-
-    report = validate_dataset(load("pbc"))
-    print_validation(report)
-    if not report.ok:
-        raise typer.Exit(2)
-
 # --- synth commands ---
 
 
@@ -267,11 +255,13 @@ def ui_command(
     public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (exposes the runs)."),
 ) -> None:
     """Start the MLflow UI over mlruns/ in the foreground (Ctrl-C stops it)."""
-    from workbench.ui import check_host, exec_server, mlflow_ui_command
+    from workbench.ui import check_host, exec_server, install_comparison_views, mlflow_ui_command, server_url
 
     command = mlflow_ui_command(host=host, port=port, public=public)
     _public_warning(check_host(host, public), host)
     console.print(f"MLflow UI: {command.url}", highlight=False, soft_wrap=True)
+    for name, path in install_comparison_views().items():
+        console.print(f"  {escape(name)}: {server_url(host, port, path)}", highlight=False, soft_wrap=True)
     exec_server(command)
 
 
@@ -467,6 +457,29 @@ def deploy_command(
 
     serve(load_pipeline(pipeline, parse_overrides(param)), cron, name=name, force=force)
 
+@app.command()
+@reports_errors
+def explain(
+    run: str = typer.Option(..., "--run", help="MLflow run id of a sequence model run"),
+    subjects: Optional[list[int]] = typer.Option(None, "--subjects", help="Explain only these subject ids (repeatable)"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Explain at most this many held-out samples"),
+    config: Optional[Path] = typer.Option(None, "--config", help="ExplainConfig YAML"),
+) -> None:
+    """SHAP per time step for a model run's held-out samples, logged to that run."""
+    import yaml
+
+    from workbench.experiment import explain_run, tensors_for_run
+    from workbench.explain import ExplainConfig
+
+    settings = ExplainConfig(**(yaml.safe_load(config.read_text()) or {})) if config else ExplainConfig()
+    result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples)
+    out = Console()
+    out.print(f"{result.frame.select('subject_id', 'prediction_time').n_unique():,} samples explained; "
+              f"logged to run {run} under explanations/ and plots/")
+    for key, value in result.checks.items():
+        out.print(f"  {key:36s} {value:.4g}")
+
+
 # --- pipeline commands ---
 
 
@@ -512,6 +525,50 @@ def run_pipeline_command(
         if failed.notebook is not None:
             console.print(f"executed notebook with the error: {escape(str(failed.notebook))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+# --- demo ---
+
+
+def demo_pipeline() -> Path:
+    """The shipped pbc_mortality pipeline: the project's copy, else the one beside the package."""
+    from workbench.tracking import project_home
+
+    for base in (project_home(), Path(__file__).resolve().parents[1]):
+        path = base / "pipelines" / "pbc_mortality.yaml"
+        if path.exists():
+            return path
+    raise WorkbenchError("pipelines/pbc_mortality.yaml not found (run from the project root)")
+
+
+@app.command()
+@reports_errors
+def demo(
+    param: Optional[list[str]] = typer.Option(None, "-p", "--param", help="Override a pipeline parameter: key=value"),
+    force: bool = typer.Option(False, "--force", help="Rerun every step, even cached ones"),
+) -> None:
+    """The main job: the pbc_mortality pipeline end to end on the bundled PBC data, local MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from workbench import tracking
+    from workbench.data.datasets import load
+    from workbench.data.validate import require_valid
+    from workbench.pipelines import parse_overrides, run_pipeline
+
+    print_validation(require_valid(load("pbc")))
+    result = run_pipeline(demo_pipeline(), parse_overrides(param), force=force, console=console)
+    print_pipeline_result(result)
+    if result.failure is not None:
+        console.print(f"[bold red]failed:[/] {escape(result.failure.error)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    champion = MlflowClient().get_model_version_by_alias("pbc_mortality", tracking.CHAMPION)
+    out = Console()
+    out.print(f"\n[bold]Where to look[/]\n"
+              f"  MLflow UI:          workbench ui   (then open http://127.0.0.1:5000, experiment pbc_mortality)\n"
+              f"  executed notebooks: {escape(str(result.run_dir))}  (.ipynb and .html per step)\n"
+              f"  champion model:     models:/pbc_mortality@champion = version {champion.version} "
+              f"(held-out AUROC {float(champion.tags.get(tracking.AUROC_TAG, 'nan')):.3f}, run {champion.run_id})\n"
+              f"  tracking store:     {tracking.tracking_uri()}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

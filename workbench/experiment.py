@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Literal
 
 import mlflow
 import numpy as np
+import polars as pl
 
 from workbench import tracking
+from workbench.errors import WorkbenchError
 from workbench.evaluation import EvalConfig, EvaluationResult, evaluate
 from workbench.features import SequenceTensors
 from workbench.models import LogisticReference, ModelConfig, mayo_inputs_from_features, mayo_pbc_score
@@ -153,6 +156,8 @@ def run_model(
         "workbench.tensors_hash": tensors.content_hash(),
         "mlflow.source.git.commit": tracking.git_commit(),
     }
+    if data_root:
+        tags["workbench.data_root"] = str(Path(data_root).resolve())
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     start = {"run_id": run_id} if run_id else {"experiment_id": tracking.experiment_id(task), "run_name": kind}
@@ -185,7 +190,11 @@ def run_model(
             mlflow.log_metrics(cohort_report.to_metrics())
         held_out = tensors.by_split("held_out")
         tracking.log_figures(figures(kind, fitted, held_out.y, risk))
-        tracking.log_predictions(held_out, risk)
+        tracking.log_frame(
+            pl.DataFrame({"subject_id": held_out.subject_id, "prediction_time": held_out.prediction_time,
+                          "label": held_out.y, "risk": risk}),
+            "predictions/held_out.parquet",
+        )
         registry = None
         if fitted.keras_model is not None:
             info = tracking.log_keras_model(fitted.keras_model, tensors.X.shape[1], tensors.X.shape[2])
@@ -213,10 +222,8 @@ def load_registered(model_uri: str):
     return mlflow.keras.load_model(model_uri), spec, run_id
 
 
-def latest_times(data_root) -> "pl.DataFrame":
+def latest_times(data_root) -> pl.DataFrame:
     """One prediction time per subject: its last timed event (score everyone as of now)."""
-    import polars as pl
-
     from workbench.data.meds_io import open_dataset
 
     return (
@@ -231,8 +238,6 @@ def score(model_uri: str, data_root, times=None):
 
     New data is tensorized with the model's saved FeatureSpec (never refitted).
     """
-    import polars as pl
-
     from workbench.data.validate import require_valid
     from workbench.features import load_labels, transform
 
@@ -247,3 +252,194 @@ def score(model_uri: str, data_root, times=None):
             "risk": predict_risk(model, tensors.X).astype(np.float64),
         }
     )
+
+
+@dataclass
+class Cohort:
+    """A task's labels, cohort report and fitted tensors on one dataset: the input of every model run."""
+
+    task: str
+    data_root: str
+    report: object  # workbench.tasks.CohortReport
+    labels: pl.DataFrame  # subject_id, prediction_time, boolean_value, split
+    tensors: SequenceTensors
+
+    def save(self, directory) -> None:
+        """Write labels, report and tensors under ``directory`` (each file atomically)."""
+        from workbench.data.meds_io import write_parquet_atomic
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(self.labels, directory / "labels.parquet")
+        self.tensors.save(directory / "tensors")
+        info = {"task": self.task, "data_root": self.data_root, "report": self.report.to_dict()}
+        tmp = directory / ".cohort.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(directory / "cohort.json")
+
+
+def prepare_cohort(task, data, features=None) -> Cohort:
+    """Validate the data, label the task, and fit tensors on its train split.
+
+    ``task`` is a shipped task name or a YAML path, ``data`` a bundled dataset name or a MEDS
+    directory, ``features`` a FeatureConfig (or dict) of the stage's settings.
+    """
+    from workbench.data.datasets import resolve
+    from workbench.data.validate import require_valid
+    from workbench.features import FeatureConfig, fit_transform
+    from workbench.tasks import load_task, make_labels
+
+    root = resolve(data)
+    require_valid(root)
+    spec = load_task(task)
+    labelled = make_labels(root, spec)
+    config = features if isinstance(features, FeatureConfig) else FeatureConfig(**(features or {}))
+    _, tensors = fit_transform(root, labelled.labels, config)
+    return Cohort(spec.name, str(root), labelled.report, labelled.labels_with_split, tensors)
+
+
+def load_cohort(directory) -> Cohort:
+    """A cohort written by :meth:`Cohort.save` (e.g. the cohort step's output dir)."""
+    from workbench.tasks import CohortReport
+
+    directory = Path(directory)
+    info = json.loads((directory / "cohort.json").read_text())
+    return Cohort(
+        info["task"], info["data_root"], CohortReport.model_validate(info["report"]),
+        pl.read_parquet(directory / "labels.parquet"), SequenceTensors.load(directory / "tensors"),
+    )
+
+
+def best_sequence_run(train_outputs) -> dict:
+    """Among a sweep's train outputs (dirs holding ``model_run.json``), the sequence model with the best AUROC."""
+    runs = [json.loads((Path(d) / "model_run.json").read_text()) for d in train_outputs]
+    sequence = [r for r in runs if r["kind"] in SEQUENCE_KINDS]
+    if not sequence:
+        raise WorkbenchError(f"no sequence model among the train outputs {list(map(str, train_outputs))}")
+    return max(sequence, key=lambda r: r["auroc"])
+
+
+def save_model_run(run: ModelRun, directory) -> None:
+    """Record a model run's id, kind and held-out AUROC for downstream steps (explain, compare)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"run_id": run.run_id, "kind": run.kind, "auroc": run.evaluation.metrics["auroc"]["value"],
+            "registry": run.registry}
+    tmp = directory / ".model_run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(directory / "model_run.json")
+
+
+@dataclass
+class ExplanationRun:
+    """What an explanation run produced (all of it also logged to the model's MLflow run)."""
+
+    run_id: str
+    frame: pl.DataFrame  # the long explanations table (DESIGN.md contract)
+    by_step: pl.DataFrame  # mean |SHAP| by steps before the prediction time
+    by_feature: pl.DataFrame  # mean |SHAP| by feature
+    checks: dict  # additivity, reference agreement, deletion curve
+    figures: dict
+
+
+def global_summaries(frame: pl.DataFrame, n_steps: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Mean |SHAP| by relative time step and by feature over every explained (non-padded) cell."""
+    abs_shap = pl.col("shap").abs().mean().alias("mean_abs_shap")
+    by_step = (
+        frame.with_columns((n_steps - 1 - pl.col("step")).alias("steps_before_prediction"))
+        .group_by("steps_before_prediction").agg(abs_shap).sort("steps_before_prediction")
+    )
+    by_feature = frame.group_by("feature").agg(abs_shap).sort("mean_abs_shap", descending=True)
+    return by_step, by_feature
+
+
+def patient_figures(expl, tensors: SequenceTensors, raw_X: np.ndarray, row: int) -> dict:
+    """Heatmap and step timeline (with the patient's risk trajectory) of one explained sample."""
+    from workbench.explain import padded_steps
+    from workbench.plots import shap_heatmap_plot, step_timeline_plot
+
+    i = int(expl.index[row])
+    padded = padded_steps(tensors.X[i : i + 1], tensors.observed[i : i + 1])[0]
+    subject = tensors.subject_id[i]
+    same = np.flatnonzero(tensors.subject_id[expl.index] == subject)
+    up_to = same[tensors.prediction_time[expl.index[same]] <= tensors.prediction_time[i]]
+    when = str(np.datetime64(tensors.prediction_time[i], "D"))
+    return {
+        f"explain_heatmap_subject{subject}": shap_heatmap_plot(
+            expl.shap[row], raw_X[i], tensors.step_end_time[i], tensors.feature_names, padded,
+            title=f"Subject {subject} at {when}: SHAP per step and feature (values written in)"),
+        f"explain_timeline_subject{subject}": step_timeline_plot(
+            expl.step_totals[row], tensors.step_end_time[i], padded,
+            tensors.prediction_time[expl.index[up_to]], expl.output[up_to], float(expl.base_value[row]),
+            title=f"Subject {subject} at {when}: step contributions and risk so far"),
+    }
+
+
+def explain_samples(tensors: SequenceTensors, split: str = "held_out", subjects=None, max_samples: int | None = None):
+    """Row indices of ``tensors`` to explain: a split, optionally some subjects, optionally the first N."""
+    rows = np.flatnonzero(tensors.split == split)
+    if subjects:
+        rows = rows[np.isin(tensors.subject_id[rows], np.asarray(list(subjects), dtype=np.int64))]
+        if len(rows) == 0:
+            raise WorkbenchError(f"none of subjects {list(subjects)} has a sample in the {split} split")
+    return rows[:max_samples] if max_samples else rows
+
+
+def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=None, max_samples: int | None = None,
+                n_patients: int = 3) -> ExplanationRun:
+    """Explain a logged model on held-out samples and log explanations, checks and plots to its run.
+
+    The model is loaded back from the run (what was logged is what is explained); the
+    background comes from the train split only.
+    """
+    import mlflow.keras
+
+    import workbench.models  # noqa: F401  (custom layers of the saved model)
+    from workbench.explain import ExplainConfig, check_explanation, explain, explanation_frame, select_background
+
+    config = config or ExplainConfig()
+    tracking.setup()
+    model = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    train_split = tensors.by_split("train")
+    background = select_background(train_split.X, train_split.observed, config.n_background, config.seed,
+                                   config.background_selection)
+    rows = explain_samples(tensors, subjects=subjects, max_samples=max_samples)
+    X, observed = tensors.X, tensors.observed
+    expl = explain(model, X[rows], background, config, observed=observed[rows])
+    expl.index = rows[expl.index]  # positions in the full tensors, for the frame and plots
+    checks = check_explanation(model, X, expl, background, config, observed=observed)
+    raw_X = tensors.spec.denormalize(X)
+    frame = explanation_frame(expl, tensors.subject_id, tensors.prediction_time, tensors.step_end_time,
+                              tensors.feature_names, raw_X, observed)
+    by_step, by_feature = global_summaries(frame, X.shape[1])
+    from workbench.plots import global_importance_plot
+
+    figs = {"explain_global_importance": global_importance_plot(by_feature, by_step)}
+    # The patients a clinician would look at first: the highest-risk explained samples, one per subject.
+    by_risk = np.argsort(-expl.output)
+    _, first = np.unique(tensors.subject_id[expl.index[by_risk]], return_index=True)
+    for row in by_risk[np.sort(first)][:n_patients]:
+        figs |= patient_figures(expl, tensors, raw_X, int(row))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"explain_{k}": float(v) for k, v in checks.items()})
+        mlflow.log_params({f"config.explain.{k}": v for k, v in tracking.flatten_params({"": config}).items()})
+        tracking.log_frame(frame, "explanations/explanations.parquet")
+        mlflow.log_text(by_step.write_csv(), "explanations/by_step.csv")
+        mlflow.log_text(by_feature.write_csv(), "explanations/by_feature.csv")
+        tracking.log_figures(figs)
+    return ExplanationRun(run_id, frame, by_step, by_feature, checks, figs)
+
+
+def tensors_for_run(run_id: str) -> SequenceTensors:
+    """Rebuild a run's tensors from its task and dataset, with the run's own FeatureSpec (no refit)."""
+    from workbench.features import FeatureSpec, transform
+    from workbench.tasks import make_labels
+
+    tracking.setup()
+    run = mlflow.get_run(run_id)
+    tags = run.data.tags
+    if "workbench.data_root" not in tags or "workbench.task" not in tags:
+        raise WorkbenchError(f"run {run_id} is not a workbench model run (no workbench.task / workbench.data_root tags)")
+    spec = FeatureSpec.load(tracking.download_artifact(run_id, "feature_spec.json"))
+    labels = make_labels(tags["workbench.data_root"], tags["workbench.task"]).labels
+    return transform(tags["workbench.data_root"], labels, spec)

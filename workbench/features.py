@@ -40,7 +40,6 @@ change a value, or mark a step observed.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
@@ -496,21 +495,145 @@ def data_fingerprint(dataset: MedsDataset) -> str:
     return h.hexdigest()[:16]
 
 
+# ------------------------------------------------------------------------------ one read of the events
+
+
+@dataclass
+class _Events:
+    """Everything tensorization needs from the events, read in one streaming pass.
+
+    ``bins``: one row per (sample, step, code) over **every** code as of the prediction time
+    (step -1 collects everything older than the window), with ``n`` events, ``n_values`` events
+    with a value and the value aggregates; ``static``: (subject, code) of null-time events;
+    ``age``: (sample, age in years). Code selection (fit) and the tensor (transform) both derive
+    from these, so fit_transform reads the events once.
+    """
+
+    bins: pl.DataFrame
+    static: pl.DataFrame
+    age: pl.DataFrame
+
+
+def _bins_query(events: pl.LazyFrame, samples: pl.LazyFrame, config: FeatureConfig) -> pl.LazyFrame:
+    """One row per (sample, step, code) with the bin's aggregates; step -1 = before the window.
+
+    ``last`` is the value with the greatest (time, value): a ``max_by`` on that key gives it
+    without sorting, does not trust file order (correct for unsorted shards, free for the
+    streaming engine to reorder), and breaks same-time ties deterministically. Codes are a
+    Categorical so the group_by hashes integers, not strings.
+    """
+    T, width = config.n_steps, config.bin_width_us
+    value = pl.col("numeric_value")
+    has_value = value.is_not_null()
+    elapsed = (pl.col("prediction_time") - pl.col("time")).dt.total_microseconds()
+    step = (pl.lit(T - 1, dtype=pl.Int64) - elapsed // width).clip(lower_bound=-1).cast(pl.Int32)
+    aggs = [
+        pl.len().alias("n"),
+        value.count().alias("n_values"),
+        value.max_by(pl.when(has_value).then(pl.struct("time", "numeric_value"))).alias("last"),
+    ]
+    aggs += [getattr(value, a)().alias(a) for a in config.numeric_aggs if a != "last"]
+    if config.add_time_since_last:
+        aggs.append(pl.when(has_value).then(pl.col("time")).max().dt.epoch("us").alias("tmax"))
+    return (
+        events.select("subject_id", "time", "code", "numeric_value")
+        .filter(pl.col("time").is_not_null())
+        .join(samples.select("_sample", "subject_id", "prediction_time"), on="subject_id", how="inner")
+        .filter(pl.col("time") <= pl.col("prediction_time"))
+        .group_by("_sample", step.alias("_step"), pl.col("code").cast(pl.Categorical))
+        .agg(aggs)
+    )
+
+
+def _static_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
+    """(subject, code) for each static (null-time) event of a labelled subject."""
+    return (
+        events.filter(pl.col("time").is_null())
+        .select("subject_id", "code")
+        .join(samples.select("subject_id").unique(), on="subject_id", how="semi")
+        .unique()
+    )
+
+
+def _age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> pl.LazyFrame:
+    """(sample, age in years at the prediction time) for samples whose subject was born by then."""
+    birth = events.filter((pl.col("code") == birth_code) & pl.col("time").is_not_null()).select("subject_id", "time")
+    age = (pl.col("prediction_time") - pl.col("time").min()).dt.total_microseconds() / US_PER_YEAR
+    return (
+        birth.join(samples.select("_sample", "subject_id", "prediction_time"), on="subject_id", how="inner")
+        .filter(pl.col("time") <= pl.col("prediction_time"))  # as of, like every other feature
+        .group_by("_sample")
+        .agg(age.first().alias("age"))
+    )
+
+
+def _missing_subjects_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
+    """Labelled subjects without a single event in the data."""
+    present = events.select("subject_id").unique()
+    return samples.select("subject_id").unique().join(present, on="subject_id", how="anti").sort("subject_id")
+
+
+def _collect(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
+    """Run all queries in one go on the streaming engine (bounded memory for large datasets)."""
+    try:
+        return pl.collect_all(list(queries), engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        raise WorkbenchError(f"reading events failed: {exc}") from None
+
+
+def _read_events(dataset: MedsDataset, samples: pl.DataFrame, config: FeatureConfig) -> _Events:
+    """The single pass over the events (also checks that every labelled subject has events)."""
+    events = dataset.events()
+    lazy = samples.lazy()
+    bins, static, age, missing = _collect(
+        _bins_query(events, lazy, config), _static_query(events, lazy),
+        _age_query(events, lazy, config.birth_code), _missing_subjects_query(events, lazy),
+    )
+    _raise_if_missing(missing, dataset)
+    return _Events(bins, static, age)
+
+
 # ------------------------------------------------------------------------------ code selection
 
 
-def _code_stats(events: pl.LazyFrame, train: pl.DataFrame) -> pl.LazyFrame:
-    """Per code over train subjects' events as of their latest prediction time: subjects, events,
-    timed events and events with a value (nothing after a prediction time can influence the fit)."""
-    cutoff = train.group_by("subject_id").agg(pl.col("prediction_time").max().alias("_cutoff"))
+def _code_stats(read: _Events, train: pl.DataFrame) -> pl.DataFrame:
+    """Per code over train subjects' events as of their latest prediction time: subjects, timed
+    events and timed events with a value (nothing after a prediction time can influence the fit).
+
+    A subject's latest sample sees exactly the events up to its cutoff (step -1 holds the older
+    ones), so summing that sample's bins counts each event once even with several samples.
+    Grouping stays on the Categorical code; only the small per-code result becomes strings.
+    """
+    latest = (
+        train.filter(pl.col("prediction_time") == pl.col("prediction_time").max().over("subject_id"))
+        .group_by("subject_id").agg(pl.col("_sample").min())
+    )
+    is_latest = np.zeros(int(read.bins["_sample"].max() or 0) + 1, dtype=bool)
+    is_latest[latest["_sample"].to_numpy()[latest["_sample"].to_numpy() < len(is_latest)]] = True
+    timed = read.bins.filter(pl.Series(is_latest[read.bins["_sample"].to_numpy()]))  # a mask, not a join
+    per_code = timed.group_by("code").agg(
+        pl.col("_sample").n_unique().alias("n_timed_subjects"),  # one latest sample per subject
+        pl.col("n").sum().alias("n_timed"), pl.col("n_values").sum().alias("n_numeric"),
+    ).with_columns(pl.col("code").cast(pl.String))
+    # static codes: their subjects, less those already counted through a timed event of the code
+    static = read.static.join(latest, on="subject_id", how="inner")
+    overlap = sorted(set(static["code"].to_list()) & set(per_code["code"].to_list()))  # usually none
+    both = pl.DataFrame(schema={"_sample": pl.Int64, "code": pl.String})
+    if overlap:
+        both = (
+            timed.select("_sample", pl.col("code").cast(pl.String))
+            .filter(pl.col("code").is_in(overlap)).unique()
+        )
+    static_only = (
+        static.join(both, on=["_sample", "code"], how="anti").group_by("code").agg(pl.len().alias("n_static_subjects"))
+    )
     return (
-        events.join(cutoff.lazy(), on="subject_id", how="inner")
-        .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("_cutoff")))
-        .group_by("code")
-        .agg(
-            pl.col("subject_id").n_unique().alias("n_subjects"),
-            pl.col("time").is_not_null().sum().alias("n_timed"),
-            (pl.col("time").is_not_null() & pl.col("numeric_value").is_not_null()).sum().alias("n_numeric"),
+        per_code.join(static_only, on="code", how="full", coalesce=True)
+        .select(
+            "code",
+            (pl.col("n_timed_subjects").fill_null(0) + pl.col("n_static_subjects").fill_null(0)).cast(pl.Int64)
+            .alias("n_subjects"),
+            pl.col("n_timed", "n_numeric").fill_null(0).cast(pl.Int64),
         )
         .sort("code")
     )
@@ -551,9 +674,6 @@ def _select_codes(stats: pl.DataFrame, config: FeatureConfig, n_train_subjects: 
     return pick
 
 
-# ---------------------------------------------------------------------------- the lazy queries
-
-
 @dataclass
 class _Layout:
     """Which codes feed which channels; built from a spec, or from a selection during fit."""
@@ -573,144 +693,158 @@ class _Layout:
         return _feature_names(self.config, self.numeric, self.count, self.static, self.include_age)
 
 
-def _binned_query(events: pl.LazyFrame, samples: pl.LazyFrame, layout: _Layout) -> pl.LazyFrame:
-    """One row per (sample, step, code) with the bin's aggregates, step -1 = before the window.
-
-    ``last`` sorts each group by time (ties broken by value) rather than trusting file order:
-    that keeps it correct for unsorted shards and lets the join and the streaming engine
-    reorder rows freely (measured faster than an order-keeping join).
-    """
-    config = layout.config
-    T, width = config.n_steps, config.bin_width_us
-    n_numeric = len(layout.numeric)
-    code_idx = pl.col("code").cast(pl.Enum(layout.dynamic), strict=False).to_physical().cast(pl.Int32)
-    elapsed = (pl.col("prediction_time") - pl.col("time")).dt.total_microseconds()
-    step = (pl.lit(T - 1, dtype=pl.Int64) - elapsed // width).clip(lower_bound=-1).cast(pl.Int32)
-    aggs = [pl.len().cast(pl.Int32).alias("n"), pl.col("numeric_value").sort_by("time", "numeric_value").last().alias("last")]
-    aggs += [getattr(pl.col("numeric_value"), a)().alias(a) for a in config.numeric_aggs if a != "last"]
-    if config.add_time_since_last:
-        aggs.append(pl.col("time").max().dt.epoch("us").alias("tmax"))
-    return (
-        events.filter(pl.col("time").is_not_null())
-        .with_columns(code_idx.alias("_code"))
-        .filter(pl.col("_code").is_not_null())
-        # a numeric code's event without a value carries nothing to aggregate or carry forward
-        .filter((pl.col("_code") >= n_numeric) | pl.col("numeric_value").is_not_null())
-        .join(samples.select("_sample", "subject_id", "prediction_time"), on="subject_id", how="inner")
-        .filter(pl.col("time") <= pl.col("prediction_time"))
-        .with_columns(step.alias("_step"))
-        .group_by("_sample", "_step", "_code")
-        .agg(aggs)
+def _select(read: _Events, samples: pl.DataFrame, config: FeatureConfig) -> tuple[_Layout, list[str], pl.DataFrame]:
+    """Choose the codes from the train split as of prediction time."""
+    train = samples.filter(pl.col("split") == "train")
+    if train.height == 0:
+        raise WorkbenchError(
+            "labels: no label belongs to a train-split subject (metadata/subject_splits.parquet); "
+            "statistics are fitted on the train split only"
+        )
+    stats = _code_stats(read, train)
+    pick = _select_codes(stats, config, train["subject_id"].n_unique())
+    include_age = config.static_features and bool(
+        stats.filter((pl.col("code") == config.birth_code) & (pl.col("n_timed") > 0)).height
     )
+    layout = _Layout(config, pick["numeric"], pick["count"], pick["static"], include_age)
+    return layout, stats["code"].to_list(), train
 
 
-def _static_query(events: pl.LazyFrame, samples: pl.LazyFrame, layout: _Layout) -> pl.LazyFrame:
-    """(sample, static code index) for each static code a labelled subject has."""
-    if not layout.static:
-        return pl.LazyFrame(schema={"_sample": pl.Int64, "_code": pl.Int32})
-    return (
-        events.filter(pl.col("time").is_null() & pl.col("code").is_in(layout.static))
-        .select("subject_id", pl.col("code").cast(pl.Enum(layout.static)).to_physical().cast(pl.Int32).alias("_code"))
-        .unique()
-        .join(samples.select("_sample", "subject_id"), on="subject_id", how="inner")
-        .select("_sample", "_code")
-    )
-
-
-def _age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> pl.LazyFrame:
-    """(sample, age in years at the prediction time) for samples whose subject was born by then."""
-    birth = events.filter((pl.col("code") == birth_code) & pl.col("time").is_not_null()).select("subject_id", "time")
-    age = (pl.col("prediction_time") - pl.col("time").min()).dt.total_microseconds() / US_PER_YEAR
-    return (
-        birth.join(samples.select("_sample", "subject_id", "prediction_time"), on="subject_id", how="inner")
-        .filter(pl.col("time") <= pl.col("prediction_time"))  # as of, like every other feature
-        .group_by("_sample")
-        .agg(age.first().alias("age"))
-    )
-
-
-def _missing_subjects_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
-    """Labelled subjects without a single event in the data."""
-    present = events.select("subject_id").unique()
-    return samples.select("subject_id").unique().join(present, on="subject_id", how="anti").sort("subject_id")
-
-
-def _collect(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
-    """Run all queries in one go on the streaming engine (bounded memory for large datasets)."""
-    try:
-        return pl.collect_all(list(queries), engine="streaming")
-    except pl.exceptions.PolarsError as exc:
-        raise WorkbenchError(f"reading events failed: {exc}") from None
+def _unseen_codes(read: _Events, seen: list[str]) -> list[str]:
+    """Codes in the events read (as of a prediction time, or static) that the spec never saw."""
+    codes = pl.concat([read.bins.select(pl.col("code").cast(pl.String)).unique(), read.static.select("code").unique()])
+    return sorted(set(codes["code"].to_list()) - set(seen))
 
 
 # ------------------------------------------------------------------------------ dense assembly
 
 
-def _ffill_index(present: np.ndarray) -> np.ndarray:
-    """Index along the last axis of the latest present slot at or before each slot (0 if none).
+@dataclass
+class _Sparse:
+    """The layout's bins as numpy arrays, sorted by (sample, code, slot); ``code`` indexes
+    ``layout.dynamic`` (numeric codes first) and slot 0 holds what precedes the window."""
 
-    Time is the last (contiguous) axis so the running maximum streams through memory.
+    sample: np.ndarray
+    slot: np.ndarray
+    code: np.ndarray
+    columns: pl.DataFrame  # n, the value aggregates (and tmax), in the same order
+
+
+def _layout_sparse(bins: pl.DataFrame, layout: _Layout) -> _Sparse:
+    """Map the Categorical codes to layout indices through their physical ids (no string work
+    on the big frame), drop other codes and value-less numeric bins, and sort once.
+
+    A numeric code's bin without a value carries nothing to aggregate or carry forward.
     """
-    idx = np.where(present, np.arange(present.shape[-1], dtype=np.int32), np.int32(0))
-    np.maximum.accumulate(idx, axis=-1, out=idx)
-    return idx
+    T, n_numeric = layout.config.n_steps, len(layout.numeric)
+    index = {code: i for i, code in enumerate(layout.dynamic)}
+    categories = bins.select(pl.col("code").unique())["code"]
+    ids = categories.to_physical().to_numpy().astype(np.int64)
+    lookup = np.full(int(ids.max()) + 1 if len(ids) else 1, -1, dtype=np.int64)
+    lookup[ids] = [index.get(name, -1) for name in categories.cast(pl.String).to_list()]
+    code = lookup[bins["code"].to_physical().to_numpy()]
+    keep = (code >= 0) & ((code >= n_numeric) | (bins["n_values"].to_numpy() > 0))
+    sample, slot, code = bins["_sample"].to_numpy()[keep], bins["_step"].to_numpy()[keep] + 1, code[keep]
+    key = (sample * max(len(index), 1) + code) * (T + 1) + slot
+    order = pl.Series(key).arg_sort().to_numpy()  # polars sorts in parallel
+    columns = bins.select(pl.exclude("_sample", "_step", "code")).filter(pl.Series(keep))[order]
+    return _Sparse(sample[order], slot[order].astype(np.int64), code[order], columns)
 
 
-def _raw_tensor(binned: pl.DataFrame, static: pl.DataFrame, age: pl.DataFrame, samples: pl.DataFrame,
+def _forward_filled(pos: np.ndarray, values: np.ndarray, row_length: int, total: int) -> np.ndarray:
+    """Dense flat array of ``total`` slots (rows of ``row_length``) where each value at sorted
+    flat position ``pos`` is repeated up to the next value of the same row or the row's end,
+    and NaN before a row's first value: a forward fill written in a single ``np.repeat``.
+    """
+    row_end = (pos // row_length + 1) * row_length
+    end = np.minimum(np.append(pos[1:], total), row_end)
+    gap = pos - np.concatenate(([0], end[:-1]))  # empty slots before each value (prefix / empty rows)
+    # interleave [gap_0, run_0, gap_1, run_1, ..., final gap] with values [NaN, v_0, NaN, v_1, ..., NaN]
+    lengths = np.empty(2 * len(pos) + 1, dtype=np.int64)
+    lengths[0:-1:2], lengths[1::2], lengths[-1] = gap, end - pos, total - (end[-1] if len(pos) else 0)
+    seq = np.full(2 * len(pos) + 1, np.nan, dtype=values.dtype)
+    seq[1::2] = values
+    return np.repeat(seq, lengths)
+
+
+def _raw_tensor(bins: pl.DataFrame, static: pl.DataFrame, age: pl.DataFrame, samples: pl.DataFrame,
                 layout: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw X [N, T, F] (NaN where nothing is known yet), observed [N, T] and padded [N, T]."""
-    config = layout.config
-    N, T = samples.height, config.n_steps
-    C, A = len(layout.numeric), len(config.numeric_aggs)
-    names = layout.feature_names
-    X = np.zeros((N, T, len(names)), dtype=np.float32)
-    s = binned["_sample"].to_numpy()
-    slot = binned["_step"].to_numpy() + 1  # slot 0 holds what precedes the window
-    code = binned["_code"].to_numpy()
+    """Raw X [N, T, F] (NaN where nothing is known yet), observed [N, T] and padded [N, T].
 
+    Filled a block of samples at a time: each block of X and its temporaries stay small (in
+    cache, and on heap pages that are reused instead of freshly faulted in).
+    """
+    N, T = samples.height, layout.config.n_steps
+    X = np.empty((N, T, len(layout.feature_names)), dtype=np.float32)
+    sp = _layout_sparse(bins, layout)
     any_event = np.zeros((N, T + 1), dtype=bool)
-    any_event[s, slot] = True
+    any_event[sp.sample, sp.slot] = True
     observed = any_event[:, 1:].copy()
     padded = ~np.logical_or.accumulate(any_event, axis=1)[:, 1:]
+    per_sample = _per_sample_channels(static, age, samples, layout)
+    chunk = max(64, (8 << 20) // max(1, X[0].nbytes))
+    bounds = np.searchsorted(sp.sample, np.arange(0, N + chunk, chunk))
+    step_end = _step_end_us(samples, layout.config) if layout.config.add_time_since_last else None
+    for k, i0 in enumerate(range(0, N, chunk)):  # a loop over blocks of samples, not over rows
+        i1, rows = min(i0 + chunk, N), slice(bounds[k], bounds[k + 1])
+        block = _Sparse(sp.sample[rows] - i0, sp.slot[rows], sp.code[rows], sp.columns[rows])
+        _fill_block(X[i0:i1], block, layout, None if step_end is None else step_end[i0:i1])
+        X[i0:i1, :, -1 - per_sample.shape[1]:-1] = per_sample[i0:i1, None, :]
+        X[i0:i1, :, -1] = observed[i0:i1]
+    return X, observed, padded
 
-    num = code < C
-    ns, nslot, ncode = s[num], slot[num], code[num]
-    # per-code work arrays are [N, C, T+1] (time contiguous); slot 0 precedes the window
-    present = np.zeros((N, C, T + 1), dtype=bool)
-    present[ns, ncode, nslot] = True
-    idx = _ffill_index(present)
-    in_window = nslot > 0
+
+def _fill_block(X: np.ndarray, sp: _Sparse, layout: _Layout, step_end: np.ndarray | None) -> None:
+    """Write the dynamic channels (numeric aggregates, missing, time_since, counts) of a block."""
+    config = layout.config
+    n, T = X.shape[0], config.n_steps
+    C, A = len(layout.numeric), len(config.numeric_aggs)
+    num = sp.code < C
+    slot, code = sp.slot[num], sp.code[num]
+    pos = (sp.sample[num] * C + code) * (T + 1) + slot  # flat index into the [n, C, T+1] block
+    in_window = slot > 0
+    numeric = sp.columns.filter(pl.Series(num))
     for a, agg in enumerate(config.numeric_aggs):
-        values = np.full((N, C, T + 1), np.nan, dtype=np.float32)
-        # before the window only the latest value matters: it is what gets carried forward
-        col = np.where(in_window, binned[agg].to_numpy()[num], binned["last"].to_numpy()[num])
-        values[ns, ncode, nslot] = col
-        X[:, :, a:C * A:A] = np.take_along_axis(values, idx, axis=-1)[:, :, 1:].transpose(0, 2, 1)
+        values = numeric[agg].to_numpy().astype(np.float32, copy=False)
+        if agg != "last":  # before the window only the latest value matters: it is carried forward
+            values = np.where(in_window, values, numeric["last"].to_numpy())
+        dense = _forward_filled(pos, values, T + 1, n * C * (T + 1)).reshape(n, C, T + 1)
+        X[:, :, a:C * A:A] = dense[:, :, 1:].transpose(0, 2, 1)
     f = C * A
     if config.add_missing_indicators:
-        X[:, :, f:f + C] = ~present[:, :, 1:].transpose(0, 2, 1)
+        X[:, :, f:f + C] = 1.0
+        X[sp.sample[num][in_window], slot[in_window] - 1, f + code[in_window]] = 0.0
         f += C
     if config.add_time_since_last:
-        last_time = np.full((N, C, T + 1), np.nan)
-        last_time[ns, ncode, nslot] = binned["tmax"].to_numpy()[num]
-        last_time = np.take_along_axis(last_time, idx, axis=-1)[:, :, 1:]
-        step_end = _step_end_us(samples, config)
+        tmax = numeric["tmax"].to_numpy().astype(np.float64)
+        last_time = _forward_filled(pos, tmax, T + 1, n * C * (T + 1)).reshape(n, C, T + 1)[:, :, 1:]
         X[:, :, f:f + C] = ((step_end[:, None, :] - last_time) / US_PER_DAY).transpose(0, 2, 1)
         f += C
-    cnt = (~num) & (slot > 0)
-    X[s[cnt], slot[cnt] - 1, f + code[cnt] - C] = binned["n"].to_numpy()[cnt]
-    f += len(layout.count)
+    X[:, :, f:f + len(layout.count)] = 0.0
+    cnt = ~num & (sp.slot > 0)
+    X[sp.sample[cnt], sp.slot[cnt] - 1, f + sp.code[cnt] - C] = sp.columns["n"].to_numpy()[cnt]
+
+
+def _per_sample_channels(static: pl.DataFrame, age: pl.DataFrame, samples: pl.DataFrame,
+                         layout: _Layout) -> np.ndarray:
+    """[N, age + static codes]: the channels that repeat on every step of a sample."""
+    ages = np.full((samples.height, int(layout.include_age)), np.nan, dtype=np.float32)
     if layout.include_age:
-        ages = np.full(N, np.nan, dtype=np.float32)
-        ages[age["_sample"].to_numpy()] = age["age"].to_numpy()
-        X[:, :, f] = ages[:, None]
-        f += 1
-    static_block = np.zeros((N, len(layout.static)), dtype=np.float32)
-    static_block[static["_sample"].to_numpy(), static["_code"].to_numpy()] = 1.0
-    X[:, :, f:f + len(layout.static)] = static_block[:, None, :]
-    f += len(layout.static)
-    X[:, :, f] = observed
-    return X, observed, padded
+        ages[age["_sample"].to_numpy(), 0] = age["age"].to_numpy()
+    return np.concatenate([ages, _static_block(static, samples, layout.static)], axis=1)
+
+
+def _static_block(static: pl.DataFrame, samples: pl.DataFrame, codes: list[str]) -> np.ndarray:
+    """[N, S] 0/1: whether each sample's subject has each static code."""
+    block = np.zeros((samples.height, len(codes)), dtype=np.float32)
+    if codes:
+        pairs = (
+            static.filter(pl.col("code").is_in(codes))
+            .join(samples.select("_sample", "subject_id"), on="subject_id", how="inner")
+            .select("_sample", pl.col("code").cast(pl.Enum(codes)).to_physical())
+        )
+        block[pairs["_sample"].to_numpy(), pairs["code"].to_numpy()] = 1.0
+    return block
 
 
 def _step_end_us(samples: pl.DataFrame, config: FeatureConfig) -> np.ndarray:
@@ -726,12 +860,12 @@ def _step_end_us(samples: pl.DataFrame, config: FeatureConfig) -> np.ndarray:
 def _fit_statistics(X: np.ndarray, padded: np.ndarray, rows: np.ndarray,
                     names: list[str]) -> tuple[list[float], list[float], list[float]]:
     """Train medians (before imputation), then mean/std after imputation, over the non-padded
-    steps of the train ``rows``. Channels are gathered a block at a time (memory stays at one
+    steps of the train ``rows``. Channels are gathered a few at a time (memory stays at one
     block's copy, and each channel is contiguous for the median)."""
     flat = X.reshape(-1, X.shape[2])
     steps = np.flatnonzero((~padded & rows[:, None]).ravel())
     medians, means, stds = [], [], []
-    block = 16
+    block = 4
     for j0 in range(0, len(names), block):  # a loop over channel blocks, not rows
         values = np.ascontiguousarray(flat[steps, j0:j0 + block].T)
         for column, name in zip(values, names[j0:j0 + block]):
@@ -760,15 +894,21 @@ def _channel_statistics(column: np.ndarray, name: str) -> tuple[float, float, fl
     return median, mean, (std if std > 1e-12 and np.isfinite(std) else 1.0)
 
 
-def _finish(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
-    """Impute with train medians, standardize, and zero the padding (in place)."""
+def _finish(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec, chunk: int = 1024) -> np.ndarray:
+    """Impute with train medians, standardize, and zero the padding (in place).
+
+    Done a chunk of samples at a time so each chunk stays in cache across the four steps and
+    the NaN mask never exists for the whole tensor.
+    """
     median = np.asarray(spec.median, dtype=np.float32)
-    nan = np.isnan(X)
-    if nan.any():
-        np.copyto(X, np.broadcast_to(median, X.shape), where=nan)
-    X -= np.asarray(spec.mean, dtype=np.float32)
-    X /= np.asarray(spec.std, dtype=np.float32)
-    X[padded] = 0.0
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    for i in range(0, len(X), chunk):  # a loop over blocks of samples, not rows
+        part = X[i:i + chunk]
+        np.copyto(part, median, where=np.isnan(part))
+        part -= mean
+        part /= std
+        part[padded[i:i + chunk]] = 0.0
     return X
 
 
@@ -785,26 +925,6 @@ def _layout_from_spec(spec: FeatureSpec) -> _Layout:
     return _Layout(spec.config, list(spec.numeric_codes), list(spec.count_codes), list(spec.static_codes), spec.include_age)
 
 
-def _select(dataset: MedsDataset, samples: pl.DataFrame, config: FeatureConfig) -> tuple[_Layout, list[str], pl.DataFrame]:
-    """Choose the codes from the train split as of prediction time; also check labelled subjects."""
-    train = samples.filter(pl.col("split") == "train")
-    events = dataset.events()
-    stats, missing = _collect(_code_stats(events, train), _missing_subjects_query(events, samples.lazy()))
-    _raise_if_missing(missing, dataset)
-    if train.height == 0:
-        raise WorkbenchError(
-            f"{dataset.root}: no label belongs to a train-split subject (metadata/subject_splits.parquet); "
-            "statistics are fitted on the train split only"
-        )
-    n_train_subjects = train["subject_id"].n_unique()
-    pick = _select_codes(stats, config, n_train_subjects)
-    include_age = config.static_features and bool(
-        stats.filter((pl.col("code") == config.birth_code) & (pl.col("n_timed") > 0)).height
-    )
-    layout = _Layout(config, pick["numeric"], pick["count"], pick["static"], include_age)
-    return layout, sorted(stats["code"].to_list()), train
-
-
 def _raise_if_missing(missing: pl.DataFrame, dataset: MedsDataset) -> None:
     if missing.height:
         ids = missing["subject_id"].head(10).to_list()
@@ -812,30 +932,6 @@ def _raise_if_missing(missing: pl.DataFrame, dataset: MedsDataset) -> None:
             f"labels: {missing.height} subject_id(s) have no events in {dataset.root} (e.g. {ids}); "
             "labels must come from this dataset"
         )
-
-
-def _tensorize(dataset: MedsDataset, samples: pl.DataFrame, layout: _Layout, seen: list[str] | None,
-               check_subjects: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the lazy queries in one collect and assemble the raw tensor."""
-    events = dataset.events()
-    lazy_samples = samples.lazy()
-    queries = [
-        _binned_query(events, lazy_samples, layout),
-        _static_query(events, lazy_samples, layout),
-        _age_query(events, lazy_samples, layout.config.birth_code) if layout.include_age
-        else pl.LazyFrame(schema={"_sample": pl.Int64, "age": pl.Float64}),
-    ]
-    if check_subjects:
-        queries.append(_missing_subjects_query(events, lazy_samples))
-    if seen is not None:
-        queries.append(events.select(pl.col("code").unique()).filter(~pl.col("code").is_in(seen)).sort("code"))
-    results = _collect(*queries)
-    binned, static, age = results[:3]
-    if check_subjects:
-        _raise_if_missing(results[3], dataset)
-    if seen is not None:
-        _warn_unseen(results[-1]["code"].to_list())
-    return _raw_tensor(binned, static, age, samples, layout)
 
 
 def _warn_unseen(codes: list[str]) -> None:
@@ -872,14 +968,24 @@ def _tensors(X, observed, samples: pl.DataFrame, spec: FeatureSpec) -> SequenceT
     )
 
 
+def _raw_for(read: _Events, samples: pl.DataFrame, layout: _Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The raw tensor of ``samples`` from what one read of the events returned."""
+    return _raw_tensor(read.bins, read.static, read.age, samples, layout)
+
+
 def fit(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
         config: FeatureConfig | None = None) -> FeatureSpec:
     """Learn a FeatureSpec from the train-split labels only (codes, medians, mean/std)."""
     config = config or FeatureConfig()
     dataset, samples = _prepare(dataset, labels)
-    layout, seen, train = _select(dataset, samples, config)
-    train_samples = train.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_sample"))
-    X, _, padded = _tensorize(dataset, train_samples, layout, seen=None, check_subjects=False)
+    _raise_if_missing(_collect(_missing_subjects_query(dataset.events(), samples.lazy()))[0], dataset)
+    _require_train(samples, dataset)
+    # only train samples are read: held-out events cannot reach the statistics
+    train_samples = samples.filter(pl.col("split") == "train").with_columns(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("_sample"))
+    read = _read_events(dataset, train_samples, config)
+    layout, seen, train = _select(read, train_samples, config)
+    X, _, padded = _raw_for(read, train_samples, layout)
     return _spec_from(layout, seen, X, padded, np.ones(len(X), dtype=bool), dataset, train)
 
 
@@ -889,18 +995,30 @@ def transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | s
     if not isinstance(spec, FeatureSpec):
         spec = FeatureSpec.load(spec)
     dataset, samples = _prepare(dataset, labels)
-    X, observed, padded = _tensorize(dataset, samples, _layout_from_spec(spec), seen=spec.seen_codes,
-                                     check_subjects=True)
+    read = _read_events(dataset, samples, spec.config)
+    _warn_unseen(_unseen_codes(read, spec.seen_codes))
+    X, observed, padded = _raw_for(read, samples, _layout_from_spec(spec))
     return _tensors(_finish(X, padded, spec), observed, samples, spec)
 
 
 def fit_transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
                   config: FeatureConfig | None = None) -> tuple[FeatureSpec, SequenceTensors]:
-    """:func:`fit` then :func:`transform`, reading the events for the tensor only once."""
+    """:func:`fit` then :func:`transform` from a single read of the events."""
     config = config or FeatureConfig()
     dataset, samples = _prepare(dataset, labels)
-    layout, seen, train = _select(dataset, samples, config)
-    X, observed, padded = _tensorize(dataset, samples, layout, seen=seen, check_subjects=False)
+    read = _read_events(dataset, samples, config)
+    _require_train(samples, dataset)
+    layout, seen, train = _select(read, samples, config)
+    _warn_unseen(_unseen_codes(read, seen))
+    X, observed, padded = _raw_for(read, samples, layout)
     is_train = (samples["split"] == "train").to_numpy()
     spec = _spec_from(layout, seen, X, padded, is_train, dataset, train)
     return spec, _tensors(_finish(X, padded, spec), observed, samples, spec)
+
+
+def _require_train(samples: pl.DataFrame, dataset: MedsDataset) -> None:
+    if not (samples["split"] == "train").any():
+        raise WorkbenchError(
+            f"{dataset.root}: no label belongs to a train-split subject (metadata/subject_splits.parquet); "
+            "statistics are fitted on the train split only"
+        )

@@ -103,7 +103,7 @@ class PipelineSpec(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name (runs/<name>/)")
     experiment: Optional[str] = Field(None, description="MLflow experiment (default: the name)")
-    engine: Literal["local"] = Field("local", description="Where steps run")
+    engine: Literal["local", "prefect"] = Field("local", description="Where steps run (prefect: workbench.orchestrate)")
     params: dict[str, Any] = Field(default_factory=dict, description="Pipeline parameters (-p overrides)")
     steps: dict[str, StepSpec] = Field(min_length=1, description="Steps by name")
 
@@ -863,8 +863,12 @@ def run_pipeline(
     """
     pipeline = load_pipeline(path, overrides)
     engine = engine or pipeline.engine
+    if engine == "prefect":
+        from workbench.orchestrate import run_with_prefect  # same execute_step, Prefect schedules it
+
+        return run_with_prefect(pipeline, force=force)
     if engine != "local":
-        raise WorkbenchError(f"{pipeline.path}: engine {engine!r} is not available here (use 'local')")
+        raise WorkbenchError(f"{pipeline.path}: engine {engine!r} is not available here (use 'local' or 'prefect')")
     ensure_kernelspec()
     tracking.setup()
     experiment = tracking.experiment_id(pipeline.experiment)

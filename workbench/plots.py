@@ -242,3 +242,142 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def patient_timelines_plot(events, subject_ids: Sequence[int], max_codes: int = 12, title: str = "Event timelines") -> Figure:
+    """One row per patient: every event as a mark at its time, coloured by code family.
+
+    ``events`` is a polars frame of MEDS events (subject_id, time, code) for those patients.
+    Shows visit rhythm, when labs were drawn and where follow-up ends, at a glance.
+    """
+    import polars as pl
+
+    ids = list(subject_ids)
+    if not ids:
+        raise WorkbenchError("patient_timelines_plot needs at least one subject id")
+    timed = events.filter(pl.col("subject_id").is_in(ids)).drop_nulls("time")
+    families = timed["code"].str.split("//").list.first()
+    timed = timed.with_columns(families.alias("family"))
+    order = timed.group_by("family").len().sort("len", descending=True)["family"].head(max_codes).to_list()
+    fig = Figure(figsize=(9.0, 0.6 * len(ids) + 1.6))
+    ax = fig.subplots()
+    for i, family in enumerate(order):
+        part = timed.filter(pl.col("family") == family)
+        rows = [ids.index(s) for s in part["subject_id"].to_list()]
+        ax.scatter(part["time"].to_list(), rows, s=18, marker="|" if family in ("VISIT",) else "o",
+                   color=_COLORS[i % len(_COLORS)], label=family, alpha=0.8)
+    ax.set_yticks(range(len(ids)), [f"subject {s}" for s in ids])
+    ax.invert_yaxis()
+    _style(ax, title, "time", "")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def metric_comparison_plot(table, metrics: Sequence[str] = ("auroc", "auprc", "brier"),
+                           title: str = "Held-out metrics with 95% CIs") -> Figure:
+    """Models side by side, one panel per metric, point estimates with CI error bars.
+
+    ``table`` is a polars frame with a ``model`` column and ``<metric>``, ``<metric>_ci_low``,
+    ``<metric>_ci_high`` columns (what ``tracking.runs_table`` returns).
+    """
+    if table.height == 0:
+        raise WorkbenchError("metric_comparison_plot needs at least one model row")
+    fig = Figure(figsize=(4.0 * len(metrics), 4.2))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    names = table["model"].to_list()
+    for ax, metric in zip(axes, metrics):
+        value = table[metric].to_numpy().astype(float)
+        low = value - table[f"{metric}_ci_low"].to_numpy().astype(float)
+        high = table[f"{metric}_ci_high"].to_numpy().astype(float) - value
+        ax.bar(range(len(names)), value, yerr=np.vstack([low, high]), capsize=4,
+               color=[_COLORS[i % len(_COLORS)] for i in range(len(names))], alpha=0.85)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        _style(ax, metric.upper(), "", metric)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def shap_heatmap_plot(shap_values, raw_values, step_end_time, feature_names, padded=None,
+                      max_features: int = 12, title: str = "SHAP per time step and feature") -> Figure:
+    """One patient's attributions: features (rows) x time steps (columns), raw values written in.
+
+    Red pushed the risk up, blue down; padded steps are left out. Only the ``max_features``
+    features with the largest total |SHAP| are shown, so the picture stays readable.
+    """
+    shap_values, raw_values = np.asarray(shap_values, float), np.asarray(raw_values, float)
+    keep = ~np.asarray(padded, bool) if padded is not None else np.ones(shap_values.shape[0], bool)
+    if not keep.any():
+        raise WorkbenchError("shap_heatmap_plot: every step of this sequence is padding")
+    s, v, times = shap_values[keep], raw_values[keep], np.asarray(step_end_time)[keep]
+    order = np.argsort(-np.abs(s).sum(axis=0))[:max_features]
+    s, v = s[:, order].T, v[:, order].T
+    limit = float(np.abs(s).max()) or 1.0
+    fig = Figure(figsize=(max(6.0, 0.55 * s.shape[1] + 3.5), 0.42 * len(order) + 2.0))
+    ax = fig.subplots()
+    image = ax.imshow(s, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), value in np.ndenumerate(np.where(np.abs(v) < 1e-6, 0.0, v)):  # float32 round-trip noise
+        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6, color="black")
+    ax.set_yticks(range(len(order)), [_short(feature_names[k]) for k in order], fontsize=8)
+    labels = [str(np.datetime64(t, "D")) for t in times]
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    fig.colorbar(image, ax=ax, label="SHAP (risk)")
+    ax.set_title(title)
+    ax.set_xlabel("end of time step")
+    fig.tight_layout()
+    return fig
+
+
+def step_timeline_plot(step_totals, step_end_time, padded, risk_times, risk_values, base_value: float,
+                       title: str = "Step contributions and risk trajectory") -> Figure:
+    """One patient: each time step's total SHAP as a bar at its calendar time, and the model's
+    risk at each of the patient's prediction times as a line (right axis)."""
+    keep = ~np.asarray(padded, bool)
+    totals, times = np.asarray(step_totals, float)[keep], np.asarray(step_end_time)[keep]
+    fig = Figure(figsize=(9.0, 4.2))
+    ax = fig.subplots()
+    if len(times) > 1:
+        width = float(np.median(np.diff(times).astype("timedelta64[s]").astype(float))) / 86400 * 0.8
+    else:
+        width = 30.0
+    colors = np.where(totals >= 0, "#c0392b", "#2e6da4")
+    ax.bar(times.astype("datetime64[s]").tolist(), totals, width=width, color=colors, alpha=0.85,
+           label="step contribution (SHAP)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    right = ax.twinx()
+    right.plot(np.asarray(risk_times).astype("datetime64[s]").tolist(), risk_values, "o-", color="C1", label="risk")
+    right.axhline(base_value, color="grey", linestyle=":", label=f"base value {base_value:.2f}")
+    right.set_ylabel("risk")
+    right.set_ylim(0, 1)
+    _style(ax, title, "time", "SHAP (change in risk)")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    ax.legend(handles, labels, loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def global_importance_plot(by_feature, by_step, max_features: int = 15,
+                           title: str = "Global importance (mean |SHAP|)") -> Figure:
+    """Mean |SHAP| by feature (left) and by time step relative to the prediction time (right).
+
+    ``by_feature`` and ``by_step`` are polars frames with columns (feature, mean_abs_shap) and
+    (steps_before_prediction, mean_abs_shap).
+    """
+    fig = Figure(figsize=(11.0, 4.8))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    top = by_feature.sort("mean_abs_shap", descending=True).head(max_features).reverse()
+    left.barh([_short(f) for f in top["feature"].to_list()], top["mean_abs_shap"].to_list(), color="C0")
+    _style(left, "by feature", "mean |SHAP|", "")
+    steps = by_step.sort("steps_before_prediction")
+    right.bar(steps["steps_before_prediction"].to_list(), steps["mean_abs_shap"].to_list(), color="C2")
+    right.invert_xaxis()
+    _style(right, "by time step (0 = the bin ending at the prediction time)", "steps before prediction", "mean |SHAP|")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -208,19 +208,52 @@ def log_data_input(dataset_root: str | os.PathLike, fingerprint: str, task: str)
     mlflow.log_input(MetaDataset(source, name=name, digest=fingerprint[:40]), context="training")
 
 
-def log_predictions(tensors, risk: np.ndarray, artifact_file: str = "predictions/held_out.parquet") -> None:
-    """Held-out predictions (pseudonymous subject id, prediction time, label, risk) as a parquet artifact."""
-    import polars as pl
-
-    frame = pl.DataFrame(
-        {
-            "subject_id": tensors.subject_id,
-            "prediction_time": tensors.prediction_time,
-            "label": tensors.y,
-            "risk": np.asarray(risk, dtype=np.float64),
-        }
-    )
+def log_frame(frame, artifact_file: str) -> None:
+    """Log a polars frame as a parquet artifact at ``artifact_file``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         frame.write_parquet(path)
         mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent))
+
+
+def runs_table(experiment: str, parent_run_id: str | None = None,
+               metrics=("auroc", "auprc", "brier", "ece")) -> "pl.DataFrame":
+    """The model runs of an experiment (optionally one pipeline run's children) with held-out metrics.
+
+    One row per run that logged held-out metrics: run id, model, start time, and each metric
+    with its CI, best AUROC first. This is what the compare notebook and monitoring read.
+    """
+    import polars as pl
+
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    if exp is None:
+        raise WorkbenchError(f"no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
+    query = "metrics.held_out_auroc >= 0"
+    if parent_run_id:
+        query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    runs = MlflowClient().search_runs([exp.experiment_id], filter_string=query, max_results=5000)
+    rows = []
+    for run in runs:
+        row = {"run_id": run.info.run_id, "model": run.data.tags.get("workbench.model", run.info.run_name),
+               "started": run.info.start_time}
+        for m in metrics:
+            for suffix in ("", "_ci_low", "_ci_high"):
+                row[f"{m}{suffix}"] = run.data.metrics.get(f"held_out_{m}{suffix}")
+        rows.append(row)
+    schema = {"run_id": pl.String, "model": pl.String, "started": pl.Int64,
+              **{f"{m}{s}": pl.Float64 for m in metrics for s in ("", "_ci_low", "_ci_high")}}
+    return pl.DataFrame(rows, schema=schema).sort("auroc", descending=True, nulls_last=True)
+
+
+def runs_markdown(table, metrics=("auroc", "auprc", "brier", "ece"), digits: int = 3) -> str:
+    """A ``runs_table`` as a Markdown table, each metric as ``value (low-high)``."""
+    from workbench.evaluation import format_with_ci
+
+    header = "| model | " + " | ".join(m.upper() for m in metrics) + " | run |\n"
+    header += "|---|" + "---|" * (len(metrics) + 1) + "\n"
+    rows = []
+    for r in table.iter_rows(named=True):
+        cells = [format_with_ci({"value": r[m], "ci_low": r[f"{m}_ci_low"], "ci_high": r[f"{m}_ci_high"]}, digits)
+                 for m in metrics]
+        rows.append(f"| {r['model']} | " + " | ".join(cells) + f" | `{r['run_id'][:8]}` |")
+    return header + "\n".join(rows) + "\n"

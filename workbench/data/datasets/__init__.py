@@ -28,3 +28,15 @@ def load(name: str) -> Path:
     if name not in names:
         raise WorkbenchError(f"unknown bundled dataset {name!r}; available: {', '.join(names) or '(none)'}")
     return _package_dir() / name
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A bundled dataset's root for a bundled name (``"pbc"``), else the given path itself."""
+    if isinstance(name_or_path, str) and name_or_path in available():
+        return load(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise WorkbenchError(
+            f"{name_or_path!r} is neither a bundled dataset ({', '.join(available())}) nor a MEDS directory"
+        )
+    return path

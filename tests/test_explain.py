@@ -1,0 +1,245 @@
+"""SHAP per time step: additivity, the exact reference, padding, agreement with shap, checks.
+
+Models are tiny (T=12, F=4) so the module runs in well under a minute on two busy cores; the
+planted-signal test trains a slightly larger one and is marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from workbench import explain as E
+from workbench.models import ModelConfig, build_model
+
+T, F = 12, 4
+
+
+def planted_sequences(n: int, t: int = T, f: int = F, seed: int = 0):
+    """Left-padded sequences; positives carry a spike in channel 0 at one random real step.
+
+    Returns X [n, t, f], y [n], observed [n, t] and the planted step (-1 for negatives).
+    """
+    rng = np.random.default_rng(seed)
+    X = (0.5 * rng.normal(size=(n, t, f))).astype(np.float32)
+    X[:, :, 0] = 0.0
+    lengths = rng.integers(4, t + 1, size=n)
+    y = rng.random(n) < 0.5
+    planted = np.full(n, -1)
+    for i in range(n):
+        X[i, : t - lengths[i]] = 0.0
+        if y[i]:
+            planted[i] = rng.integers(t - lengths[i], t)
+            X[i, planted[i], 0] = 3.0
+    observed = np.arange(t)[None, :] >= (t - lengths)[:, None]
+    return X, y.astype(np.float32), observed, planted
+
+
+def trained_model(X, y, units: int = 16, epochs: int = 4, seed: int = 0):
+    model = build_model(ModelConfig(units=units, learning_rate=3e-3), X.shape[1], X.shape[2], seed=seed)
+    model.fit(X, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+class LinearRisk(torch.nn.Module):
+    """f(x) = sum(w * x) + b: its Shapley values, per cell and per step, are known in closed form."""
+
+    def __init__(self, t: int, f: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(t, f, generator=g))
+        self.b = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        return (x * self.w).sum(dim=(1, 2)) + self.b
+
+
+@pytest.fixture(scope="module")
+def planted():
+    X, y, observed, steps = planted_sequences(600, seed=0)
+    model = trained_model(X, y)
+    X_background = E.select_background(X[:400], observed[:400], n=16, seed=0)
+    return model, X[400:], y[400:], observed[400:], steps[400:], X_background
+
+
+def quiet(**kwargs) -> E.ExplainConfig:
+    return E.ExplainConfig(progress=False, **kwargs)
+
+
+def test_default_additivity_below_5_percent(planted):
+    model, X, _, observed, _, X_background = planted
+    expl = E.explain(model, X, X_background, quiet(), observed)
+    assert expl.shap.shape == X.shape and expl.shap.dtype == np.float32
+    errors = E.additivity_errors(expl.shap.reshape(len(X), -1).sum(1), expl.output, expl.base_value)
+    assert errors.mean() < 0.05
+    # The levels are sums of the cells.
+    np.testing.assert_allclose(expl.step_totals, expl.shap.sum(2), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(expl.feature_totals, expl.shap.sum(1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(expl.output, model.predict(X, verbose=0)[:, 0], atol=1e-5)
+
+
+def test_padded_steps_get_exactly_zero(planted):
+    model, X, _, observed, _, X_background = planted
+    expl = E.explain(model, X[:40], X_background, quiet(), observed[:40])
+    padded = E.padded_steps(X[:40], observed[:40])
+    assert padded.any()
+    assert np.all(expl.shap[padded] == 0.0)
+    ref, _, _ = E.exact_step_shap(model, X[:3], X_background, observed[:3], quiet(reference_permutations=2))
+    assert np.all(ref[padded[:3]] == 0.0)
+
+
+@pytest.mark.parametrize("method", ["permutation", "kernel"])
+def test_exact_reference_is_additive(planted, method):
+    model, X, _, observed, _, X_background = planted
+    cfg = quiet(reference_method=method, reference_permutations=3, reference_kernel_samples=200)
+    values, base, output = E.exact_step_shap(model, X[:4], X_background, observed[:4], cfg)
+    assert E.additivity_errors(values.sum(1), output, base).max() < 1e-6
+    np.testing.assert_allclose(output, model.predict(X[:4], verbose=0)[:, 0], atol=1e-5)
+
+
+def test_linear_model_matches_closed_form():
+    """For a linear model both the fast path and the reference equal w * (x - mean baseline) exactly."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(5, T, F)).astype(np.float32)
+    X[0, :4] = 0.0  # a padded sequence
+    observed = np.ones((5, T), dtype=bool)
+    observed[0, :4] = False
+    X_background = rng.normal(size=(6, T, F)).astype(np.float32)
+    model = LinearRisk(T, F)
+    w = model.w.detach().numpy()
+    padded = E.padded_steps(X, observed)
+    baseline_mean = E.sample_baselines(X, padded, X_background).mean(axis=1)
+    expected = w * (X - baseline_mean)
+
+    expl = E.explain(model, X, X_background, quiet(), observed)
+    np.testing.assert_allclose(expl.shap, expected, atol=1e-4)
+    ref, base, output = E.exact_step_shap(model, X, X_background, observed, quiet(reference_permutations=2))
+    np.testing.assert_allclose(ref, expected.sum(2), atol=1e-4)
+    np.testing.assert_allclose(base, expl.base_value, atol=1e-5)
+
+
+def test_agrees_with_shap_gradient_explainer(planted):
+    """shap.GradientExplainer estimates the same expectation; at many samples the two agree.
+
+    Sequences without padding, so our per-sequence baselines equal shap's background rows.
+    """
+    import shap
+
+    model, X, _, observed, _, X_background = planted
+    full = np.flatnonzero(observed.all(1))[:4]
+    x = X[full]
+
+    class Probability(torch.nn.Module):
+        """Thin torch module around the Keras model: shap would take a Keras model for TensorFlow."""
+
+        def __init__(self, keras_model):
+            super().__init__()
+            self.keras_model = keras_model
+
+        def forward(self, inputs):
+            return self.keras_model(inputs, training=False)
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    explainer = shap.GradientExplainer(Probability(model), torch.from_numpy(X_background))
+    theirs = np.asarray(explainer.shap_values(torch.from_numpy(x), nsamples=3000)).reshape(x.shape)
+    ours = E.explain(model, x, X_background, quiet(alpha_scheme="gauss_legendre", alphas_per_background=8)).shap
+    for a, b in zip(ours, theirs):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.97
+        assert np.corrcoef(a.sum(1), b.sum(1))[0, 1] > 0.97
+
+
+def test_streaming_matches_one_batch(planted):
+    model, X, _, observed, _, X_background = planted
+    cfg = quiet(max_rows_per_pass=100)
+    whole = E.explain(model, X[:20], X_background, cfg, observed[:20])
+    parts = list(E.iter_explanations(model, X[:20], X_background, cfg, observed[:20], batch_size=7))
+    assert [len(p) for p in parts] == [7, 7, 6]
+    joined = E.Explanation.concat(parts)
+    np.testing.assert_array_equal(joined.index, np.arange(20))
+    np.testing.assert_allclose(joined.shap, whole.shap, atol=1e-6)
+    np.testing.assert_allclose(joined.base_value, whole.base_value, atol=1e-6)
+
+
+def test_logit_space_sums_to_log_odds(planted):
+    model, X, _, observed, _, X_background = planted
+    expl = E.explain(model, X[:30], X_background, quiet(output_space="logit"), observed[:30])
+    p = model.predict(X[:30], verbose=0)[:, 0].astype(np.float64)
+    np.testing.assert_allclose(expl.output, np.log(p / (1 - p)), atol=1e-3)
+    errors = E.additivity_errors(expl.shap.reshape(30, -1).sum(1), expl.output, expl.base_value)
+    assert errors.mean() < 0.05
+
+
+def test_check_explanation_reports_agreement_and_faithfulness(planted):
+    model, X, _, observed, _, X_background = planted
+    cfg = quiet(reference_samples=4, reference_permutations=4, deletion_samples=40)
+    expl = E.explain(model, X[:60], X_background, cfg, observed[:60])
+    metrics = E.check_explanation(model, X[:60], expl, X_background, cfg, observed[:60])
+    assert metrics["additivity_mean_rel_error"] < 0.05
+    assert metrics["reference_additivity_max_rel_error"] < 1e-6
+    assert metrics["reference_pearson_mean"] > 0.8
+    assert metrics["reference_top3_overlap_mean"] > 0.6
+    # Removing the steps the explanation ranks first lowers the risk more than random steps.
+    assert metrics["faithfulness"] > 0.0
+    assert metrics["deletion_top_k1"] <= metrics["deletion_top_k5"] + 1e-9
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_select_background_skips_empty_sequences_and_is_distinct():
+    X, _, observed, _ = planted_sequences(120, seed=5)
+    X[:10] = 0.0
+    observed[:10] = False
+    for method in ("random", "kmeans"):
+        idx = E.select_background_indices(X, observed, n=12, seed=1, method=method)
+        assert len(set(idx.tolist())) == 12 and idx.min() >= 10
+    np.testing.assert_array_equal(E.select_background(X, observed, n=5, seed=2, method="random"), X[E.select_background_indices(X, observed, 5, 2, "random")])
+
+
+def test_explanation_frame_long_format(planted):
+    model, X, _, observed, _, X_background = planted
+    expl = E.explain(model, X[:5], X_background, quiet(), observed[:5])
+    raw = X[:5] * 2.0 + 1.0  # a stand-in for spec.denormalize: raw values differ from X and are non-zero on padding
+    times = np.arange(5 * T).reshape(5, T).astype("datetime64[D]").astype("datetime64[us]")
+    names = [f"f{j}" for j in range(F)]
+    frame = E.explanation_frame(expl, np.arange(100, 105), times[:, -1], times, names, raw, observed[:5])
+    assert frame.height == int(observed[:5].sum()) * F
+    assert frame.columns == [
+        "subject_id", "prediction_time", "step", "step_end_time", "feature", "value", "shap",
+        "step_total", "feature_total", "output", "base_value",
+    ]
+    row = frame.filter((pl.col("subject_id") == 102) & (pl.col("step") == T - 1) & (pl.col("feature") == "f1")).row(0, named=True)
+    assert row["value"] == pytest.approx(raw[2, T - 1, 1])
+    assert row["shap"] == pytest.approx(expl.shap[2, T - 1, 1])
+    assert row["step_total"] == pytest.approx(expl.step_totals[2, T - 1])
+    sums = frame.group_by("subject_id").agg(pl.col("shap").sum()).sort("subject_id")["shap"].to_numpy()
+    np.testing.assert_allclose(sums, expl.shap.reshape(5, -1).sum(1), atol=1e-5)
+
+
+def planted_step_hit_rate(model, X, y, observed, steps, X_background) -> tuple[float, float]:
+    """Share of correctly predicted positives whose planted step is among their top-3 steps, and the largest |padded attribution|."""
+    expl = E.explain(model, X, X_background, quiet(), observed)
+    hits = (expl.output > 0.5) & (y == 1)
+    top3 = np.argsort(-expl.step_totals, axis=1)[:, :3]
+    in_top = np.array([steps[i] in top3[i] for i in np.flatnonzero(hits)])
+    padded = E.padded_steps(X, observed)
+    return (float(in_top.mean()) if len(in_top) else 0.0), float(np.abs(expl.step_totals[padded]).max())
+
+
+@pytest.mark.slow
+def test_planted_step_ranks_top3_and_fails_on_shuffled_labels():
+    X, y, observed, steps = planted_sequences(1500, t=24, f=8, seed=11)
+    train, test = slice(0, 1200), slice(1200, None)
+    X_background = E.select_background(X[train], observed[train], n=32, seed=0)
+    model = trained_model(X[train], y[train], units=32, epochs=6)
+    rate, padded_max = planted_step_hit_rate(model, X[test], y[test], observed[test], steps[test], X_background)
+    assert rate >= 0.9
+    assert padded_max <= 1e-6
+    shuffled = trained_model(X[train], np.random.default_rng(0).permutation(y[train]), units=32, epochs=6)
+    shuffled_rate, _ = planted_step_hit_rate(shuffled, X[test], y[test], observed[test], steps[test], X_background)
+    assert shuffled_rate < 0.9

@@ -1,0 +1,183 @@
+"""Sequence models (fused recurrent layer, save/load, input gradients) and the two references."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from workbench.errors import WorkbenchError
+from workbench.models import (
+    MAYO_FEATURES,
+    FusedRecurrent,
+    LogisticReference,
+    ModelConfig,
+    build_model,
+    mayo_inputs_from_features,
+    mayo_pbc_score,
+)
+
+import keras  # noqa: E402  (after workbench.models, which selects the torch backend)
+import torch  # noqa: E402
+
+T, F = 8, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors run fastest (and least disturbed by other processes) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sequences(n=32, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, T, F)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("kind", "transformer"), ("units", 0), ("layers", 0), ("dropout", 1.0), ("recurrent_dropout", -0.1),
+     ("head_units", -1), ("learning_rate", 0.0), ("no_such_field", 1)],
+)
+def test_model_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as err:
+        ModelConfig(**{field: value})
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_build_model_gives_a_risk_per_sequence(kind, bidirectional):
+    config = ModelConfig(kind=kind, units=6, layers=2, bidirectional=bidirectional, head_units=3)
+    model = build_model(config, T, F, seed=0)
+    risk = keras.ops.convert_to_numpy(model(sequences()))
+    assert model.name == f"{kind}_risk"
+    assert risk.shape == (32, 1)
+    assert np.all((risk > 0) & (risk < 1))
+    assert all(isinstance(model.get_layer(f"{kind}_{i}"), FusedRecurrent) for i in (1, 2))
+
+
+def test_recurrent_dropout_falls_back_to_keras_layer():
+    model = build_model(ModelConfig(kind="gru", units=4, recurrent_dropout=0.2), T, F, seed=0)
+    assert isinstance(model.get_layer("gru_1"), keras.layers.GRU)
+
+
+def test_fused_lstm_computes_what_keras_lstm_computes():
+    """Same weights, same outputs: the fused layer is a standard LSTM, and with
+    bidirectional=True it concatenates [forward last state, backward last state] as Keras does."""
+    x = sequences(16)
+    for bidirectional in (False, True):
+        keras_lstm = keras.layers.LSTM(5)
+        reference = keras.layers.Bidirectional(keras_lstm) if bidirectional else keras_lstm
+        expected = keras.ops.convert_to_numpy(reference(x))
+        fused = FusedRecurrent("lstm", units=5, bidirectional=bidirectional)
+        fused.build((None, T, F))
+        cells = [reference.forward_layer, reference.backward_layer] if bidirectional else [keras_lstm]
+        with torch.no_grad():
+            for cell, suffix in zip(cells, ["", "_reverse"]):
+                kernel, recurrent, bias = (keras.ops.convert_to_numpy(w) for w in cell.weights)
+                params = dict(fused.torch_rnn.module.named_parameters())
+                params[f"weight_ih_l0{suffix}"].copy_(torch.from_numpy(kernel.T))
+                params[f"weight_hh_l0{suffix}"].copy_(torch.from_numpy(recurrent.T))
+                params[f"bias_ih_l0{suffix}"].copy_(torch.from_numpy(bias))
+                params[f"bias_hh_l0{suffix}"].zero_()
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(fused(x)), expected, atol=1e-5)
+
+
+def test_same_seed_same_initial_weights_other_seed_differs():
+    config = ModelConfig(units=4)
+    a, b, c = (build_model(config, T, F, seed=s) for s in (7, 7, 8))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+
+
+def test_dropout_is_active_only_in_training():
+    model = build_model(ModelConfig(units=4, dropout=0.5), T, F, seed=0)
+    x = keras.ops.convert_to_tensor(sequences())
+    infer = [keras.ops.convert_to_numpy(model(x, training=False)) for _ in range(2)]
+    trained = keras.ops.convert_to_numpy(model(x, training=True))
+    np.testing.assert_array_equal(infer[0], infer[1])
+    assert not np.allclose(trained, infer[0])
+
+
+def test_input_gradients_flow_to_every_step():
+    """The explain module's GradientExplainer needs d risk / d input through torch autograd."""
+    model = build_model(ModelConfig(units=4, bidirectional=True), T, F, seed=0)
+    x = torch.tensor(sequences(4), requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad.shape == (4, T, F)
+    assert torch.all(x.grad.abs().sum(dim=(0, 2)) > 0)  # every time step influences the risk
+
+
+def test_trained_model_saves_and_loads_in_a_fresh_process(tmp_path):
+    x = sequences()
+    model = build_model(ModelConfig(kind="gru", units=4, layers=2, head_units=3), T, F, seed=0)
+    before_training = model.predict(x, verbose=0)
+    model.fit(x, (x[:, -1, 0] > 0).astype(np.float32), epochs=2, batch_size=8, verbose=0)
+    expected = model.predict(x, verbose=0)
+    assert not np.allclose(expected, before_training)  # so a load that re-initializes would fail
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        import workbench.models  # registers FusedRecurrent and selects the torch backend
+        import keras
+        model = keras.models.load_model({str(tmp_path / "model.keras")!r})
+        np.save({str(tmp_path / "loaded.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=120)
+    np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), expected)
+
+
+def test_logistic_reference_uses_only_the_last_step():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, T, F)).astype(np.float32)
+    y = (X[:, -1, 0] + 0.3 * rng.normal(size=400) > 0).astype(int)
+    ref = LogisticReference().fit(X, y)
+    risk = ref.predict_proba(X)
+    assert risk.shape == (400,)
+    assert np.mean((risk > 0.5) == y) > 0.85
+    X_earlier_changed = X.copy()
+    X_earlier_changed[:, :-1, :] = 0.0
+    np.testing.assert_array_equal(ref.predict_proba(X_earlier_changed), risk)
+
+
+def test_mayo_score_matches_the_published_formula():
+    raw = {
+        "bilirubin": np.array([1.0, np.e, 2.0]),
+        "albumin": np.array([1.0, 1.0, 3.5]),
+        "protime": np.array([1.0, 1.0, 10.0]),
+        "age": np.array([50.0, 0.0, 60.0]),
+        "edema": np.array([0.0, 1.0, 0.5]),
+    }
+    expected_third = 0.871 * np.log(2.0) - 2.53 * np.log(3.5) + 0.039 * 60 + 2.38 * np.log(10.0) + 0.859 * 0.5
+    np.testing.assert_allclose(mayo_pbc_score(raw), [0.039 * 50, 0.871 + 0.859, expected_third])
+
+
+def test_mayo_score_propagates_missing_and_rejects_non_positive_labs():
+    raw = {k: np.array([1.0, 1.0]) for k in MAYO_FEATURES}
+    raw["albumin"] = np.array([np.nan, 1.0])
+    assert np.isnan(mayo_pbc_score(raw)[0]) and np.isfinite(mayo_pbc_score(raw)[1])
+    raw["protime"] = np.array([1.0, 0.0])
+    with pytest.raises(WorkbenchError, match="protime"):
+        mayo_pbc_score(raw)
+
+
+def test_mayo_inputs_are_picked_by_feature_name():
+    names = ["EXAM//edema/last", "LAB//bilirubin/last", "static/age_years", "LAB//protime/last",
+             "LAB//albumin/last", "LAB//ast/last"]
+    raw_last = np.arange(12, dtype=float).reshape(2, 6)
+    picked = mayo_inputs_from_features(raw_last, names)
+    np.testing.assert_array_equal(picked["bilirubin"], [1.0, 7.0])
+    np.testing.assert_array_equal(picked["edema"], [0.0, 6.0])
+    with pytest.raises(WorkbenchError, match="LAB//albumin/last"):
+        mayo_inputs_from_features(raw_last[:, :4], names[:4])

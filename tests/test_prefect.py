@@ -1,0 +1,176 @@
+"""The Prefect engine: same pipeline, same MLflow record, Prefect scheduling the executions.
+
+Runs against a temporary local Prefect server (``prefect_test_harness``) and real kernels.
+:func:`mlflow_structure` is what must not depend on the engine: parent and child runs, their
+status, params, workbench tags, metrics and notebook artifacts. ``test_pbc_mortality_*`` points
+the same comparison at the real ``pipelines/pbc_mortality.yaml`` once it exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from test_pipelines import (
+    PIPELINE,
+    PREP_CELLS,
+    PREP_PARAMS,
+    REPORT_FIXED,
+    REPORT_PARAMS,
+    REPORT_PLOT,
+    runs_by_label,
+    write_notebook,
+)
+from workbench import tracking
+from workbench.cli import app
+from workbench.errors import WorkbenchError
+from workbench.pipelines import PipelineResult, load_pipeline, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+PBC_PIPELINE = REPO / "pipelines" / "pbc_mortality.yaml"
+#: Overrides for the pbc comparison (keep it quick: e.g. {"epochs": 1}); every sweep value still runs.
+PBC_OVERRIDES: dict = {}
+#: Tags that name one particular pipeline run, so they differ between any two runs.
+PER_RUN_TAGS = {"workbench.pipeline_run_id", "workbench.error"}
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """A project home with its own MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary local Prefect server and database (Prefect's own harness), shared by this module's tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the server must not phone home
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def mlflow_structure(parent_run_id: str, metric_values: bool = True) -> dict:
+    """What a pipeline run left in MLflow, minus what names that particular run."""
+    client = MlflowClient()
+
+    def describe(run: mlflow.entities.Run) -> dict:
+        tags = {k: v for k, v in run.data.tags.items() if k.startswith("workbench.") and k not in PER_RUN_TAGS}
+        metrics = run.data.metrics if metric_values else sorted(run.data.metrics)
+        artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "notebook"))
+        return {"status": run.info.status, "params": run.data.params, "tags": tags, "metrics": metrics, "artifacts": artifacts}
+
+    parent = describe(client.get_run(parent_run_id))
+    children = {label: describe(run) for label, run in runs_by_label(client, parent_run_id).items()}
+    return {"parent": parent, "children": children}
+
+
+def compare_engines(yaml_path: Path, overrides: dict, metric_values: bool = True) -> tuple[PipelineResult, PipelineResult]:
+    """Run the pipeline with each engine (forced: no cache between them) and check MLflow holds the same."""
+    local = run_pipeline(yaml_path, overrides, force=True, engine="local")
+    prefect = run_pipeline(yaml_path, overrides, force=True, engine="prefect")
+    assert local.ok and prefect.ok, (local.failure, prefect.failure)
+    assert [(r.label, r.status) for r in prefect.executions] == [(r.label, r.status) for r in local.executions]
+    tracking.setup()
+    expected = mlflow_structure(local.parent_run_id, metric_values)
+    assert len(expected["children"]) == len(load_pipeline(yaml_path, overrides).executions)
+    assert mlflow_structure(prefect.parent_run_id, metric_values) == expected
+    return local, prefect
+
+
+def prefect_runs() -> tuple[list, dict[str, list]]:
+    """Flow runs started directly (not by a deployment's schedule), newest first, and their task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    direct = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(is_null_=True))
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_run_filter=direct, sort=FlowRunSort.START_TIME_DESC)
+        tasks = {
+            str(fr.id): client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+            for fr in flow_runs
+        }
+    return flow_runs, tasks
+
+
+@pytest.fixture
+def demo(isolated_home):
+    """The pipeline of test_pipelines (a matrix step and a step that needs it), all notebooks working."""
+    (isolated_home / "nb").mkdir()
+    write_notebook(isolated_home / "nb" / "prep.ipynb", PREP_PARAMS, PREP_CELLS)
+    write_notebook(isolated_home / "nb" / "report.ipynb", REPORT_PARAMS, [REPORT_PLOT, REPORT_FIXED])
+    path = isolated_home / "demo.yaml"
+    path.write_text(PIPELINE)
+    return path
+
+
+@pytest.mark.slow
+def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_on_failure(demo, prefect_server):
+    # 1. Both engines, same MLflow record (parent, a child per matrix value, params, tags, metrics, artifacts).
+    local, prefect = compare_engines(demo, {})
+    client = MlflowClient()
+    ab, cde = (client.get_run(r.run_id).info for r in prefect.step("prep"))
+    assert max(ab.start_time, cde.start_time) < min(ab.end_time, cde.end_time), "matrix children ran side by side"
+    manifest = json.loads((prefect.run_dir / "run.json").read_text())
+    assert manifest["engine"] == "prefect" and manifest["parent_run_id"] == prefect.parent_run_id
+
+    flow_runs, tasks = prefect_runs()
+    assert [(fr.name, fr.state_type.value) for fr in flow_runs] == [("demo", "COMPLETED")]
+    assert sorted((t.name, t.state_type.value) for t in tasks[str(flow_runs[0].id)]) == [
+        ("prep-model=ab", "COMPLETED"), ("prep-model=cde", "COMPLETED"), ("report", "COMPLETED"),
+    ]
+
+    # 2. Through the CLI, unchanged inputs: the shared cache answers, no child run is made.
+    out = CliRunner().invoke(app, ["run", str(demo), "--engine", "prefect"])
+    assert out.exit_code == 0, out.output
+    cached = json.loads(max(demo.parent.glob("runs/demo/*/run.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert [e["status"] for e in cached["executions"]] == ["cached"] * 3
+    assert runs_by_label(client, cached["parent_run_id"]) == {}
+
+    # 3. One matrix child fails: its sibling finishes, the step that needs them never starts.
+    write_notebook(demo.parent / "nb" / "prep.ipynb", PREP_PARAMS, PREP_CELLS + ["assert model != 'cde', 'no cde'"])
+    failed = run_pipeline(demo, engine="prefect")
+    assert [(r.label, r.status) for r in failed.executions] == [("prep-model=ab", "finished"), ("prep-model=cde", "failed")]
+    assert "AssertionError: no cde" in failed.failure.error
+    assert client.get_run(failed.parent_run_id).info.status == "FAILED"
+    assert set(runs_by_label(client, failed.parent_run_id)) == {"prep-model=ab", "prep-model=cde"}
+    flow_runs, tasks = prefect_runs()
+    assert flow_runs[0].state_type.value == "FAILED"
+    states = {t.name: t.state_type.value for t in tasks[str(flow_runs[0].id)]}
+    assert states["prep-model=cde"] == "FAILED" and states.get("report") != "COMPLETED"
+
+
+@pytest.mark.slow
+def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server):
+    from prefect.client.orchestration import get_client
+
+    from workbench.orchestrate import FLOW_NAME, deployment
+
+    pipeline = load_pipeline(demo, {"title": "weekly"})
+    deployment_id = deployment(pipeline, "0 2 * * 1").apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment(deployment_id)
+        flow = client.read_flow(stored.flow_id)
+    assert (flow.name, stored.name) == (FLOW_NAME, "demo")
+    assert [s.schedule.cron for s in stored.schedules] == ["0 2 * * 1"]
+    assert stored.parameters == {"path": str(demo), "overrides": {"title": "weekly"}, "force": False}
+    assert stored.entrypoint.endswith("orchestrate.py:pipeline_flow"), "workers import the flow, not a copy"
+    with pytest.raises(WorkbenchError, match="not a valid cron"):
+        deployment(pipeline, "every monday")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PBC_PIPELINE.exists(), reason="pipelines/pbc_mortality.yaml not written yet")
+def test_pbc_mortality_sweep_logs_the_same_runs_under_prefect(isolated_home, prefect_server):
+    # Training metrics may differ in the last digits between runs: compare which metrics, not values.
+    compare_engines(PBC_PIPELINE, PBC_OVERRIDES, metric_values=False)
