@@ -132,3 +132,25 @@ def test_predict_reports_an_unknown_model(pbc_runs, tmp_path):
     )
     assert proc.returncode == 2 and "models:/nope@champion" in proc.stderr + proc.stdout
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_pbc_explanations_are_logged_and_read_back(pbc_runs):
+    from workbench.experiment import explain_run
+    from workbench.explain import ExplainConfig
+
+    _, _, tensors, runs = pbc_runs
+    run_id = runs["lstm"].run_id
+    result = explain_run(run_id, tensors, ExplainConfig(reference_samples=4, deletion_samples=20, progress=False))
+    held_out = tensors.by_split("held_out")
+    frame = pl.read_parquet(tracking.download_artifact(run_id, "explanations/explanations.parquet"))
+    assert frame.columns[:7] == ["subject_id", "prediction_time", "step", "step_end_time", "feature", "value", "shap"]
+    assert frame.select("subject_id", "prediction_time").n_unique() == len(held_out)  # every held-out visit
+    assert frame.equals(result.frame)
+    assert set(frame["feature"].unique()) == set(tensors.feature_names)
+    metrics = MlflowClient(tracking.tracking_uri()).get_run(run_id).data.metrics
+    assert metrics["explain_reference_additivity_max_rel_error"] < 1e-6
+    assert metrics["explain_additivity_mean_rel_error"] == pytest.approx(result.checks["additivity_mean_rel_error"])
+    plots = {a.path for a in MlflowClient(tracking.tracking_uri()).list_artifacts(run_id, "plots")}
+    assert "plots/explain_global_importance.png" in plots
+    assert any(p.startswith("plots/explain_timeline_subject") for p in plots)
+    assert any(p.startswith("plots/explain_heatmap_subject") for p in plots)
