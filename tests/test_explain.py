@@ -62,10 +62,10 @@ class LinearRisk(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def planted():
-    X, y, observed, steps = planted_sequences(600, seed=0)
-    model = trained_model(X, y)
-    X_background = E.select_background(X[:400], observed[:400], n=16, seed=0)
-    return model, X[400:], y[400:], observed[400:], steps[400:], X_background
+    X, y, observed, steps = planted_sequences(500, seed=0)
+    model = trained_model(X[:300], y[:300], epochs=3)
+    X_background = E.select_background(X[:300], observed[:300], n=16, seed=0)
+    return model, X[300:], y[300:], observed[300:], steps[300:], X_background
 
 
 def quiet(**kwargs) -> E.ExplainConfig:
@@ -187,7 +187,7 @@ def test_check_explanation_reports_agreement_and_faithfulness(planted):
     assert metrics["reference_top3_overlap_mean"] > 0.6
     # Removing the steps the explanation ranks first lowers the risk more than random steps.
     assert metrics["faithfulness"] > 0.0
-    assert metrics["deletion_top_k1"] <= metrics["deletion_top_k5"] + 1e-9
+    assert metrics["deletion_top_k1"] > metrics["deletion_random_k1"]
     assert all(np.isfinite(v) for v in metrics.values())
 
 

@@ -27,8 +27,6 @@ from typer.testing import CliRunner
 from test_pipelines import PIPELINE, PREP_CELLS, PREP_PARAMS, REPORT_FIXED, REPORT_PARAMS, REPORT_PLOT, write_notebook
 from workbench.cli import app
 
-pytestmark = pytest.mark.slow
-
 ADMIN, ADMIN_PASSWORD = "admin", "wb-admin-Secret-1"
 DB_USER, DB_PASSWORD = "mlflow", "wb-db-Secret-1"
 
@@ -137,6 +135,7 @@ def tracking_server(postgres, tmp_path, request):
     return url, artifacts
 
 
+@pytest.mark.slow
 def test_pipeline_logs_to_postgres_backed_server_with_basic_auth(tracking_server, postgres, tmp_path, monkeypatch):
     url, artifacts = tracking_server
     search = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"

@@ -33,10 +33,12 @@ from workbench.pipelines import PipelineResult, load_pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PBC_PIPELINE = REPO / "pipelines" / "pbc_mortality.yaml"
-#: Overrides for the pbc comparison (keep it quick: e.g. {"epochs": 1}); every sweep value still runs.
-PBC_OVERRIDES: dict = {}
-#: Tags that name one particular pipeline run, so they differ between any two runs.
-PER_RUN_TAGS = {"workbench.pipeline_run_id", "workbench.error"}
+#: Overrides for the pbc comparison: every sweep value still runs, each briefly (two full sweeps
+#: at the YAML's 40 epochs took 12 minutes on two busy cores).
+PBC_OVERRIDES: dict = {"epochs": 2, "n_explain": 50}
+#: Tags that name one particular pipeline run, or depend on the order in which parallel matrix
+#: children reached the model registry (version numbers, "beat the champion at the time").
+PER_RUN_TAGS = {"workbench.pipeline_run_id", "workbench.error", "workbench.registered_version", "workbench.champion"}
 
 
 @pytest.fixture
@@ -71,19 +73,33 @@ def mlflow_structure(parent_run_id: str, metric_values: bool = True) -> dict:
 
     parent = describe(client.get_run(parent_run_id))
     children = {label: describe(run) for label, run in runs_by_label(client, parent_run_id).items()}
-    return {"parent": parent, "children": children}
+    # Where the registry's champion alias ended up: which execution's model won, not its version number.
+    champions = {}
+    for model in client.search_registered_models():
+        if "champion" in model.aliases:
+            version = client.get_model_version(model.name, model.aliases["champion"])
+            champions[model.name] = client.get_run(version.run_id).info.run_name
+    return {"parent": parent, "children": children, "champions": champions}
 
 
-def compare_engines(yaml_path: Path, overrides: dict, metric_values: bool = True) -> tuple[PipelineResult, PipelineResult]:
-    """Run the pipeline with each engine (forced: no cache between them) and check MLflow holds the same."""
-    local = run_pipeline(yaml_path, overrides, force=True, engine="local")
-    prefect = run_pipeline(yaml_path, overrides, force=True, engine="prefect")
-    assert local.ok and prefect.ok, (local.failure, prefect.failure)
+def compare_engines(
+    yaml_path: Path, overrides: dict, homes: tuple[Path, Path], monkeypatch, metric_values: bool = True
+) -> tuple[PipelineResult, PipelineResult]:
+    """Run the pipeline with each engine, each in a fresh project home and MLflow store, and compare the stores."""
+    results, structures = [], []
+    for engine, home in zip(("local", "prefect"), homes):
+        home.mkdir(exist_ok=True)
+        monkeypatch.chdir(home)
+        monkeypatch.setenv("WORKBENCH_HOME", str(home))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        results.append(run_pipeline(yaml_path, overrides, engine=engine))
+        assert results[-1].ok, results[-1].failure
+        tracking.setup()
+        structures.append(mlflow_structure(results[-1].parent_run_id, metric_values))
+    local, prefect = results
     assert [(r.label, r.status) for r in prefect.executions] == [(r.label, r.status) for r in local.executions]
-    tracking.setup()
-    expected = mlflow_structure(local.parent_run_id, metric_values)
-    assert len(expected["children"]) == len(load_pipeline(yaml_path, overrides).executions)
-    assert mlflow_structure(prefect.parent_run_id, metric_values) == expected
+    assert len(structures[0]["children"]) == len(load_pipeline(yaml_path, overrides).executions)
+    assert structures[1] == structures[0]
     return local, prefect
 
 
@@ -115,9 +131,10 @@ def demo(isolated_home):
 
 
 @pytest.mark.slow
-def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_on_failure(demo, prefect_server):
+def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_on_failure(demo, prefect_server, monkeypatch):
     # 1. Both engines, same MLflow record (parent, a child per matrix value, params, tags, metrics, artifacts).
-    local, prefect = compare_engines(demo, {})
+    home = demo.parent
+    local, prefect = compare_engines(demo, {}, (home / "local", home / "prefect"), monkeypatch)
     client = MlflowClient()
     ab, cde = (client.get_run(r.run_id).info for r in prefect.step("prep"))
     assert max(ab.start_time, cde.start_time) < min(ab.end_time, cde.end_time), "matrix children ran side by side"
@@ -133,7 +150,7 @@ def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_o
     # 2. Through the CLI, unchanged inputs: the shared cache answers, no child run is made.
     out = CliRunner().invoke(app, ["run", str(demo), "--engine", "prefect"])
     assert out.exit_code == 0, out.output
-    cached = json.loads(max(demo.parent.glob("runs/demo/*/run.json"), key=lambda p: p.stat().st_mtime).read_text())
+    cached = json.loads(max(home.glob("prefect/runs/demo/*/run.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert [e["status"] for e in cached["executions"]] == ["cached"] * 3
     assert runs_by_label(client, cached["parent_run_id"]) == {}
 
@@ -163,14 +180,27 @@ def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server)
         flow = client.read_flow(stored.flow_id)
     assert (flow.name, stored.name) == (FLOW_NAME, "demo")
     assert [s.schedule.cron for s in stored.schedules] == ["0 2 * * 1"]
-    assert stored.parameters == {"path": str(demo), "overrides": {"title": "weekly"}, "force": False}
+    assert stored.parameters == {"path": str(demo), "overrides": {"title": "weekly"}, "force": True}
     assert stored.entrypoint.endswith("orchestrate.py:pipeline_flow"), "workers import the flow, not a copy"
     with pytest.raises(WorkbenchError, match="not a valid cron"):
         deployment(pipeline, "every monday")
 
+    # The work-pool variant, through the CLI: workers import the installed flow by module path.
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="workbench", type="process"))
+    out = CliRunner().invoke(app, ["deploy", str(demo), "--cron", "0 3 * * *", "--pool", "workbench", "--name", "nightly"])
+    assert out.exit_code == 0, out.output
+    with get_client(sync_client=True) as client:
+        pooled = client.read_deployment_by_name(f"{FLOW_NAME}/nightly")
+    assert (pooled.work_pool_name, pooled.entrypoint) == ("workbench", "workbench.orchestrate.pipeline_flow")
+    assert [s.schedule.cron for s in pooled.schedules] == ["0 3 * * *"]
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not PBC_PIPELINE.exists(), reason="pipelines/pbc_mortality.yaml not written yet")
-def test_pbc_mortality_sweep_logs_the_same_runs_under_prefect(isolated_home, prefect_server):
-    # Training metrics may differ in the last digits between runs: compare which metrics, not values.
-    compare_engines(PBC_PIPELINE, PBC_OVERRIDES, metric_values=False)
+def test_pbc_mortality_sweep_logs_the_same_runs_under_prefect(isolated_home, prefect_server, monkeypatch):
+    # Timings (seconds, train_seconds) differ between any two runs: compare which metrics, not values.
+    homes = (isolated_home / "local", isolated_home / "prefect")
+    compare_engines(PBC_PIPELINE, PBC_OVERRIDES, homes, monkeypatch, metric_values=False)

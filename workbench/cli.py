@@ -449,13 +449,20 @@ def deploy_command(
     cron: str = typer.Option(..., "--cron", help='Crontab expression: "0 2 * * 1" = Mondays 02:00'),
     param: Optional[list[str]] = typer.Option(None, "-p", "--param", help="Pipeline parameter override key=value (repeatable)"),
     name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the pipeline's name)"),
-    force: bool = typer.Option(False, "--force", help="Scheduled runs rerun every step (default: reuse unchanged steps)"),
+    use_cache: bool = typer.Option(False, "--use-cache", help="Reuse unchanged steps (default: rerun every step, as `schedule add`)"),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Register with this Prefect work pool and return (its workers run it)"),
 ) -> None:
-    """Serve a pipeline as a Prefect deployment on a cron schedule (Prefect's scheduler; Ctrl-C stops)."""
-    from workbench.orchestrate import serve
+    """Put a pipeline on Prefect's scheduler: serve it here (Ctrl-C stops), or register it with a work pool."""
+    from workbench.orchestrate import deploy_to_work_pool, serve
     from workbench.pipelines import load_pipeline, parse_overrides
 
-    serve(load_pipeline(pipeline, parse_overrides(param)), cron, name=name, force=force)
+    loaded = load_pipeline(pipeline, parse_overrides(param))
+    if pool is None:
+        serve(loaded, cron, name=name, force=not use_cache)
+        return
+    deployment_id = deploy_to_work_pool(loaded, cron, pool, name=name, force=not use_cache)
+    console.print(f"deployment {deployment_id} on work pool {escape(pool)}: start workers with "
+                  f"`prefect worker start --pool {escape(pool)}`", highlight=False, soft_wrap=True)
 
 @app.command()
 @reports_errors

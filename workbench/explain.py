@@ -83,7 +83,7 @@ class ExplainConfig(BaseModel):
         description="random: uniform draw of train sequences; kmeans: the train sequence nearest each k-means centroid (real sequences, spread over the data).",
     )
     alphas_per_background: int = Field(
-        2,
+        4,
         ge=1,
         le=256,
         description="Interpolation points per background row; gradient evaluations per sequence = n_background * alphas_per_background.",
@@ -97,7 +97,7 @@ class ExplainConfig(BaseModel):
         ),
     )
     path_grid: int = Field(
-        8, ge=1, le=256, description="adaptive scheme: forward-only evaluations per path (grid cells) that locate where the output changes."
+        16, ge=1, le=256, description="adaptive scheme: forward-only evaluations per path (grid cells) that locate where the output changes."
     )
     uniform_share: float = Field(
         0.2, gt=0.0, le=1.0, description="adaptive scheme: share of the sampling density spread uniformly over the path (keeps every alpha reachable, so the estimate stays unbiased)."

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -177,21 +178,36 @@ def run_with_prefect(pipeline: Pipeline, force: bool = False) -> PipelineResult:
 # --- deployments: Prefect's scheduler instead of the embedded one ----------------------
 
 
-def deployment(pipeline: Pipeline, cron: str, name: Optional[str] = None, force: bool = False):
-    """A Prefect deployment running ``pipeline`` (with its ``-p`` overrides) on a cron schedule."""
+def _deployment_settings(pipeline: Pipeline, cron: str, name: Optional[str], force: bool) -> dict[str, Any]:
+    """Name, schedule and flow parameters shared by a served deployment and a work-pool one."""
+    return {
+        "name": name or pipeline.name,
+        "cron": cron,
+        "parameters": {"path": str(pipeline.path), "overrides": pipeline.overrides, "force": force},
+        "tags": ["workbench", pipeline.name],
+        "description": f"workbench pipeline {pipeline.path}",
+    }
+
+
+@contextmanager
+def _cron_errors(cron: str) -> Iterator[None]:
     try:
-        return pipeline_flow.to_deployment(
-            name=name or pipeline.name,
-            cron=cron,
-            parameters={"path": str(pipeline.path), "overrides": pipeline.overrides, "force": force},
-            tags=["workbench", pipeline.name],
-            description=f"workbench pipeline {pipeline.path}",
-        )
+        yield
     except ValueError as exc:  # pydantic's complaint about the cron string
         raise WorkbenchError(f"--cron {cron!r}: not a valid cron expression ({exc})") from exc
 
 
-def serve(pipeline: Pipeline, cron: str, name: Optional[str] = None, force: bool = False) -> None:
+def deployment(pipeline: Pipeline, cron: str, name: Optional[str] = None, force: bool = True):
+    """A Prefect deployment running ``pipeline`` (with its ``-p`` overrides) on a cron schedule.
+
+    ``force`` (default, as ``workbench schedule``): every scheduled run reruns every step; with
+    False, unchanged steps are reused from the cache.
+    """
+    with _cron_errors(cron):
+        return pipeline_flow.to_deployment(**_deployment_settings(pipeline, cron, name, force))
+
+
+def serve(pipeline: Pipeline, cron: str, name: Optional[str] = None, force: bool = True) -> None:
     """Register the deployment and run its scheduled flow runs from this process until stopped.
 
     Blocks (Ctrl-C stops it). Each scheduled run starts in a fresh subprocess; the Prefect UI
@@ -200,3 +216,21 @@ def serve(pipeline: Pipeline, cron: str, name: Optional[str] = None, force: bool
     from prefect import serve as prefect_serve
 
     prefect_serve(deployment(pipeline, cron, name, force))
+
+
+def deploy_to_work_pool(
+    pipeline: Pipeline, cron: str, work_pool: str, name: Optional[str] = None, force: bool = True
+) -> str:
+    """Register the deployment with a work pool; ``prefect worker start --pool NAME`` runs it. Returns its id.
+
+    Workers import ``workbench.orchestrate.pipeline_flow`` from the installed package (no image,
+    no code upload), so each worker machine needs the project installed at the same path.
+    """
+    from prefect.deployments.runner import EntrypointType
+
+    with _cron_errors(cron):
+        deployment_id = pipeline_flow.deploy(
+            **_deployment_settings(pipeline, cron, name, force), work_pool_name=work_pool,
+            entrypoint_type=EntrypointType.MODULE_PATH, build=False, push=False, print_next_steps=False,
+        )
+    return str(deployment_id)
