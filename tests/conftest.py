@@ -40,3 +40,33 @@ def small_meds(tmp_path):
     root = tmp_path / "meds"
     write_dataset(root, events_frame(rows), codes=codes, splits=splits, n_shards=2)
     return root
+
+
+def write_notebook(path, params_source: str, cells: list[str]):
+    """A notebook with a ``parameters``-tagged cell, as Jupyter would save it."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(
+        cells=[new_code_cell(params_source, metadata={"tags": ["parameters"]})] + [new_code_cell(c) for c in cells],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+    nbformat.write(nb, str(path))
+    return path
+
+
+def pipeline_project(tmp_path, monkeypatch, notebooks: dict, name: str, pipeline_yaml: str):
+    """A project home (own MLflow store) with notebooks under nb/ and pipelines/<name>.yaml.
+
+    ``notebooks`` maps a file name to (parameters source, cells); returns the YAML path.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "nb").mkdir()
+    for file, (params, cells) in notebooks.items():
+        write_notebook(tmp_path / "nb" / file, params, cells)
+    (tmp_path / "pipelines").mkdir()
+    path = tmp_path / "pipelines" / f"{name}.yaml"
+    path.write_text(pipeline_yaml)
+    return path

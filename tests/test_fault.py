@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from test_pipelines import write_notebook
+from conftest import pipeline_project
 from workbench import schedule, tracking
 
 WORK_PARAMS = "output_dir = 'scratch'\nhold = 'hold'\n"
@@ -32,15 +32,8 @@ steps:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "nb").mkdir()
-    write_notebook(tmp_path / "nb" / "work.ipynb", WORK_PARAMS, WORK_CELLS)
-    (tmp_path / "pipelines").mkdir()
-    path = tmp_path / "pipelines" / "fragile.yaml"
-    path.write_text(PIPELINE.replace("HOLD", str(tmp_path / "hold")))
-    return path
+    notebooks = {"work.ipynb": (WORK_PARAMS, WORK_CELLS)}
+    return pipeline_project(tmp_path, monkeypatch, notebooks, "fragile", PIPELINE.replace("HOLD", str(tmp_path / "hold")))
 
 
 def wait_for(condition, timeout: float, what: str):

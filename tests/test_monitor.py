@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from test_pipelines import write_notebook
+from conftest import pipeline_project
 from workbench import monitor, schedule, tracking
 from workbench.cli import app
 
@@ -83,15 +83,7 @@ steps:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "nb").mkdir()
-    write_notebook(tmp_path / "nb" / "cohort.ipynb", COHORT_PARAMS, [COHORT_CELL])
-    (tmp_path / "pipelines").mkdir()
-    path = tmp_path / "pipelines" / "drift.yaml"
-    path.write_text(PIPELINE)
-    return path
+    return pipeline_project(tmp_path, monkeypatch, {"cohort.ipynb": (COHORT_PARAMS, [COHORT_CELL])}, "drift", PIPELINE)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import nbformat
 import pytest
+from conftest import pipeline_project, write_notebook
 from mlflow.tracking import MlflowClient
 from nbformat.v4 import new_code_cell, new_notebook
 from typer.testing import CliRunner
@@ -46,16 +47,6 @@ REPORT_BUG = "raise ValueError('boom: ' + title)"
 REPORT_FIXED = "print('report done: ' + title)"
 
 
-def write_notebook(path: Path, params_source: str, cells: list[str]) -> Path:
-    """A notebook with a ``parameters``-tagged cell, as Jupyter would save it."""
-    nb = new_notebook(
-        cells=[new_code_cell(params_source, metadata={"tags": ["parameters"]})] + [new_code_cell(c) for c in cells],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-    )
-    nbformat.write(nb, str(path))
-    return path
-
-
 PIPELINE = """\
 name: demo
 experiment: demo-exp
@@ -75,16 +66,8 @@ steps:
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project home with its own MLflow store, two notebooks and a pipeline YAML."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "nb").mkdir()
-    write_notebook(tmp_path / "nb" / "prep.ipynb", PREP_PARAMS, PREP_CELLS)
-    write_notebook(tmp_path / "nb" / "report.ipynb", REPORT_PARAMS, [REPORT_PLOT, REPORT_BUG])
-    (tmp_path / "pipelines").mkdir()
-    yaml_path = tmp_path / "pipelines" / "demo.yaml"
-    yaml_path.write_text(PIPELINE.replace("nb/", "../nb/"))
-    return yaml_path
+    notebooks = {"prep.ipynb": (PREP_PARAMS, PREP_CELLS), "report.ipynb": (REPORT_PARAMS, [REPORT_PLOT, REPORT_BUG])}
+    return pipeline_project(tmp_path, monkeypatch, notebooks, "demo", PIPELINE.replace("nb/", "../nb/"))
 
 
 def runs_by_label(client: MlflowClient, parent_run_id: str) -> dict[str, mlflow.entities.Run]:
@@ -219,6 +202,24 @@ def test_cache_key_follows_notebook_params_and_upstream(project, tmp_path):
     key = cache_key(prep, {})
     write_notebook(prep.notebook, PREP_PARAMS, PREP_CELLS + ["print(1)"])
     assert cache_key(prep, {}) != key, "notebook bytes are in the key"
+
+
+def test_cache_key_follows_data_behind_a_path_parameter(project, tmp_path):
+    """New data at the same path is a cache miss (a scheduled rerun on a refreshed dataset)."""
+    import dataclasses
+
+    from workbench.pipelines import path_fingerprint
+
+    data = tmp_path / "dataset"
+    (data / "data").mkdir(parents=True)
+    (data / "data" / "0.parquet").write_bytes(b"old")
+    prep = load_pipeline(project).steps["prep"].executions[0]
+    with_data = dataclasses.replace(prep, params={**prep.params, "data": str(data)})
+    before = cache_key(with_data, {})
+    assert cache_key(with_data, {}) == before
+    (data / "data" / "1.parquet").write_bytes(b"new shard")
+    assert cache_key(with_data, {}) != before
+    assert path_fingerprint("not a path") is None and path_fingerprint(7) is None
 
 
 def test_kernelspec_runs_this_environment():

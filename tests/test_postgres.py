@@ -24,7 +24,8 @@ import requests
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from test_pipelines import PIPELINE, PREP_CELLS, PREP_PARAMS, REPORT_FIXED, REPORT_PARAMS, REPORT_PLOT, write_notebook
+from conftest import write_notebook
+from test_pipelines import PIPELINE, PREP_CELLS, PREP_PARAMS, REPORT_FIXED, REPORT_PARAMS, REPORT_PLOT
 from workbench.cli import app
 
 ADMIN, ADMIN_PASSWORD = "admin", "wb-admin-Secret-1"
@@ -120,14 +121,15 @@ def tracking_server(postgres, tmp_path, request):
                                 start_new_session=True, cwd=tmp_path)
 
     def stop():
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)  # the whole group: uvicorn workers may outlive the leader
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass  # a test server need not drain: kill what is left
 
     request.addfinalizer(stop)
     url = f"http://127.0.0.1:{port}"

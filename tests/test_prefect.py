@@ -16,16 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from test_pipelines import (
-    PIPELINE,
-    PREP_CELLS,
-    PREP_PARAMS,
-    REPORT_FIXED,
-    REPORT_PARAMS,
-    REPORT_PLOT,
-    runs_by_label,
-    write_notebook,
-)
+from conftest import pipeline_project, write_notebook
+from test_pipelines import PIPELINE, PREP_CELLS, PREP_PARAMS, REPORT_FIXED, REPORT_PARAMS, REPORT_PLOT, runs_by_label
 from workbench import tracking
 from workbench.cli import app
 from workbench.errors import WorkbenchError
@@ -120,20 +112,16 @@ def prefect_runs() -> tuple[list, dict[str, list]]:
 
 
 @pytest.fixture
-def demo(isolated_home):
+def demo(tmp_path, monkeypatch):
     """The pipeline of test_pipelines (a matrix step and a step that needs it), all notebooks working."""
-    (isolated_home / "nb").mkdir()
-    write_notebook(isolated_home / "nb" / "prep.ipynb", PREP_PARAMS, PREP_CELLS)
-    write_notebook(isolated_home / "nb" / "report.ipynb", REPORT_PARAMS, [REPORT_PLOT, REPORT_FIXED])
-    path = isolated_home / "demo.yaml"
-    path.write_text(PIPELINE)
-    return path
+    notebooks = {"prep.ipynb": (PREP_PARAMS, PREP_CELLS), "report.ipynb": (REPORT_PARAMS, [REPORT_PLOT, REPORT_FIXED])}
+    return pipeline_project(tmp_path, monkeypatch, notebooks, "demo", PIPELINE.replace("nb/", "../nb/"))
 
 
 @pytest.mark.slow
 def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_on_failure(demo, prefect_server, monkeypatch):
     # 1. Both engines, same MLflow record (parent, a child per matrix value, params, tags, metrics, artifacts).
-    home = demo.parent
+    home = demo.parent.parent
     local, prefect = compare_engines(demo, {}, (home / "local", home / "prefect"), monkeypatch)
     client = MlflowClient()
     ab, cde = (client.get_run(r.run_id).info for r in prefect.step("prep"))
@@ -155,7 +143,7 @@ def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_o
     assert runs_by_label(client, cached["parent_run_id"]) == {}
 
     # 3. One matrix child fails: its sibling finishes, the step that needs them never starts.
-    write_notebook(demo.parent / "nb" / "prep.ipynb", PREP_PARAMS, PREP_CELLS + ["assert model != 'cde', 'no cde'"])
+    write_notebook(home / "nb" / "prep.ipynb", PREP_PARAMS, PREP_CELLS + ["assert model != 'cde', 'no cde'"])
     failed = run_pipeline(demo, engine="prefect")
     assert [(r.label, r.status) for r in failed.executions] == [("prep-model=ab", "finished"), ("prep-model=cde", "failed")]
     assert "AssertionError: no cde" in failed.failure.error

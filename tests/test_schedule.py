@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from test_pipelines import write_notebook
+from conftest import pipeline_project
 from workbench import schedule, tracking
 from workbench.cli import app
 from workbench.errors import WorkbenchError
@@ -38,15 +38,7 @@ HELLO_CELLS = ["import pathlib\npathlib.Path(output_dir, 'greeting.txt').write_t
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project home with its own MLflow store and a one-step pipeline."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "nb").mkdir()
-    write_notebook(tmp_path / "nb" / "hello.ipynb", HELLO_PARAMS, HELLO_CELLS)
-    (tmp_path / "pipelines").mkdir()
-    path = tmp_path / "pipelines" / "nightly.yaml"
-    path.write_text(PIPELINE)
-    return path
+    return pipeline_project(tmp_path, monkeypatch, {"hello.ipynb": (HELLO_PARAMS, HELLO_CELLS)}, "nightly", PIPELINE)
 
 
 def cli(*args: str):

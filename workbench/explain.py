@@ -278,22 +278,26 @@ def _n_padded(padded: np.ndarray) -> np.ndarray:
     return padded.sum(axis=1)
 
 
-class _BaseValues:
-    """Base values by padding length, computed once: left padding of length L fixes the baselines."""
+class _BaselineOutputs:
+    """Outputs [n, K] at each sequence's baselines, computed once per distinct padded prefix.
+
+    The baselines of a sequence depend only on its padded steps (length and values), so most
+    sequences share them; their outputs give the base value and the alpha = 0 end of every path.
+    """
 
     def __init__(self, fn, X_background: np.ndarray, rows_per_pass: int):
         self.fn, self.X_background, self.rows_per_pass = fn, X_background, rows_per_pass
-        self.cache: dict[int, float] = {}
+        self.cache: dict[tuple[int, bytes], np.ndarray] = {}
 
     def __call__(self, x: np.ndarray, padded: np.ndarray) -> np.ndarray:
-        lengths = _n_padded(padded)
-        for i in np.flatnonzero([L not in self.cache for L in lengths]):
-            L = int(lengths[i])
-            if L in self.cache:
-                continue
-            baselines = sample_baselines(x[i : i + 1], padded[i : i + 1], self.X_background)[0]
-            self.cache[L] = float(np.mean(evaluate(self.fn, baselines, self.rows_per_pass)))
-        return np.array([self.cache[int(L)] for L in lengths])
+        out = np.empty((len(x), len(self.X_background)))
+        for i in range(len(x)):
+            key = (int(padded[i].sum()), x[i][padded[i]].tobytes())
+            if key not in self.cache:
+                baselines = sample_baselines(x[i : i + 1], padded[i : i + 1], self.X_background)[0]
+                self.cache[key] = evaluate(self.fn, baselines, self.rows_per_pass)
+            out[i] = self.cache[key]
+        return out
 
 
 # --------------------------------------------------------------------------------------

@@ -551,13 +551,42 @@ def directory_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def path_fingerprint(value: Any) -> Optional[str]:
+    """For a parameter naming an existing file or directory (a dataset, a labels file): a digest
+    of its files' names, sizes and modification times, so new data behind the same path is a cache
+    miss without reading gigabytes. None for any other value."""
+    if not isinstance(value, str) or not value or len(value) > 4096:
+        return None
+    path = Path(value) if Path(value).is_absolute() else tracking.project_home() / value
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """Digest of the workbench package's source: a library change invalidates cached steps too."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(execution: Execution, upstream: dict[str, list[ExecutionResult]]) -> str:
-    """sha256 of the notebook bytes, resolved params and the keys and contents of upstream outputs."""
+    """sha256 of the notebook bytes, resolved params (and the files they name), the workbench
+    source, and the keys and contents of upstream outputs."""
     ingredients = {
         "version": CACHE_VERSION,
         "step": execution.step,
         "notebook": hashlib.sha256(execution.notebook.read_bytes()).hexdigest(),
+        "code": code_fingerprint(),
         "params": execution.params,
+        "inputs": {k: path_fingerprint(v) for k, v in sorted(execution.params.items()) if path_fingerprint(v)},
         "upstream": {
             name: sorted([r.cache_key, directory_digest(r.output_dir)] for r in results)
             for name, results in sorted(upstream.items())
