@@ -155,6 +155,40 @@ def test_agrees_with_shap_gradient_explainer(planted):
         assert np.corrcoef(a.sum(1), b.sum(1))[0, 1] > 0.97
 
 
+@pytest.mark.parametrize("output_space", ["probability", "logit"])
+def test_recurrent_prefix_shortcut_reproduces_the_model(planted, output_space):
+    """The shortcut (recurrent state after the padded prefix, then the real steps) gives the model's outputs."""
+    model, X, _, _, _, X_background = planted
+    fn = E.output_function(model, output_space)
+    runner = E.prefix_runner(model, fn, output_space, X_background[:4])
+    assert isinstance(runner, E._RecurrentPrefix)
+    x = torch.from_numpy(X[:25])
+    with torch.no_grad():
+        for L in (0, 1, 5, T - 1):
+            out = runner(x[:, L:], runner.select(runner.prefix_state(x[:, :L]), torch.arange(len(x))))
+            np.testing.assert_allclose(out.numpy(), fn(x).numpy(), atol=1e-6)
+    # A model of another structure gets the generic runner, which concatenates the prefix back.
+    linear = LinearRisk(T, F)
+    assert isinstance(E.prefix_runner(linear, E.output_function(linear), output_space, X_background[:4]), E._ConcatPrefix)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_adaptive_alphas_are_unbiased(pooled):
+    """Averaged over draws, the importance-weighted path integral equals mean_k (f_k(1) - f_k(0)) exactly."""
+    K, G = 3, 4
+    steep = np.array([40.0, 5.0, -15.0])  # one path jumps, one is smooth, one falls
+    centre = np.array([0.3, 0.6, 0.55])
+    f = lambda k, a: 1.0 / (1.0 + np.exp(-steep[k] * (a - centre[k])))  # noqa: E731
+    grid = np.stack([f(k, np.linspace(0, 1, G + 1)) for k in range(K)])
+    estimates = []
+    for seed in range(4000):
+        rows, alphas, weights = E.adaptive_alphas(grid, 2, 0.5, np.random.default_rng(seed), pooled)
+        slope = steep[rows] * f(rows, alphas) * (1 - f(rows, alphas))
+        estimates.append(np.sum(weights * slope))
+    truth = np.mean([f(k, 1.0) - f(k, 0.0) for k in range(K)])
+    assert abs(np.mean(estimates) - truth) < 4 * np.std(estimates) / np.sqrt(len(estimates)) + 1e-9
+
+
 def test_streaming_matches_one_batch(planted):
     model, X, _, observed, _, X_background = planted
     cfg = quiet(max_rows_per_pass=100)
