@@ -457,19 +457,38 @@ def _cell_mass(change: np.ndarray, uniform_share: float) -> np.ndarray:
     return (1.0 - uniform_share) * shaped + uniform_share / C
 
 
-def _stratified_cells(mass: np.ndarray, draws: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw ``draws`` cells per row of mass [B, C], one per stratum of [0, 1].
+def _row_draws(change: np.ndarray, total_draws: int, uniform_share: float, pooled: bool) -> np.ndarray:
+    """Draws per background row [K]: equal, or (pooled) at least one plus a share by the path's output change.
 
-    Returns the cell [B, draws], the position within it in [0, 1) and its mass. Consecutive
-    strata that land in one heavy cell split it evenly, so a cell with several draws is
-    itself stratified.
+    Fixed before any gradient is drawn, so each row is a stratum of its own and the estimate
+    stays unbiased for any allocation; largest remainders make the counts sum to total_draws.
     """
+    K = len(change)
+    if not pooled or total_draws <= K:
+        return np.full(K, max(1, total_draws // K))
+    share = _cell_mass(change.sum(axis=1), uniform_share)
+    target = (total_draws - K) * share
+    draws = 1 + np.floor(target).astype(int)
+    left = total_draws - draws.sum()
+    draws[np.argsort(-(target - np.floor(target)), kind="stable")[:left]] += 1
+    return draws
+
+
+def _stratified_cells(mass: np.ndarray, draws: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw ``draws[k]`` cells from each row k of mass [K, C], one per stratum of [0, 1].
+
+    Returns the row, the cell, the position within it in [0, 1) and the cell's mass, one
+    entry per draw. Consecutive strata that land in one heavy cell split it evenly, so a cell
+    with several draws is itself stratified.
+    """
+    rows = np.repeat(np.arange(len(mass)), draws)
+    stratum = np.arange(len(rows)) - np.repeat(np.cumsum(draws) - draws, draws)
+    u = (stratum + rng.uniform(size=len(rows))) / draws[rows]
     cdf = np.cumsum(mass, axis=1)
-    u = (np.arange(draws)[None, :] + rng.uniform(size=(len(mass), draws))) / draws
-    cell = np.minimum((u[..., None] > cdf[:, None, :]).sum(axis=2), mass.shape[1] - 1)
-    cell_mass = np.take_along_axis(mass, cell, axis=1)
-    below = np.take_along_axis(cdf, cell, axis=1) - cell_mass
-    return cell, np.clip((u - below) / cell_mass, 0.0, 1.0 - 1e-7), cell_mass
+    cell = np.minimum((u[:, None] > cdf[rows]).sum(axis=1), mass.shape[1] - 1)
+    cell_mass = mass[rows, cell]
+    below = cdf[rows, cell] - cell_mass
+    return rows, cell, np.clip((u - below) / cell_mass, 0.0, 1.0 - 1e-7), cell_mass
 
 
 def adaptive_alphas(
@@ -484,25 +503,19 @@ def adaptive_alphas(
     alphas are drawn from a density proportional to |change of output| per grid cell, mixed
     with ``uniform_share`` of uniform density so every alpha stays possible, stratified, and
     weighted by 1 / density: an unbiased estimate of the same integral, exact for the
-    attribution total when the output is monotone and the gradient constant within cells.
+    attribution total when the output is monotone and the gradient constant within cells,
+    and exact for a linear model (each row's weights sum to 1 / K).
 
-    ``pooled``: the density spans all K * G (row, cell) pairs, so paths along which the
-    output barely moves give their draws to the paths where it jumps (the estimate's error
-    is concentrated there); otherwise every row gets ``per_background`` draws.
+    ``pooled``: rows along whose path the output barely moves give draws to the rows where it
+    jumps (every row keeps at least one), since the error concentrates there; otherwise every
+    row gets ``per_background`` draws.
     """
     K, G = path_outputs.shape[0], path_outputs.shape[1] - 1
     change = np.abs(np.diff(path_outputs, axis=1))  # [K, G]
-    if pooled:
-        cell, within, cell_mass = _stratified_cells(_cell_mass(change.reshape(1, -1), uniform_share), K * per_background, rng)
-        rows, cell, within, cell_mass = cell[0] // G, cell[0] % G, within[0], cell_mass[0]
-        draws = K * per_background
-    else:
-        cell, within, cell_mass = _stratified_cells(_cell_mass(change, uniform_share), per_background, rng)
-        rows = np.repeat(np.arange(K), per_background)
-        cell, within, cell_mass = cell.ravel(), within.ravel(), cell_mass.ravel()
-        draws = per_background
-    # Density of (row, alpha) is cell_mass * G; the target averages rows with weight 1 / K.
-    return rows, (cell + within) / G, 1.0 / (draws * K * cell_mass * G)
+    draws = _row_draws(change, K * per_background, uniform_share, pooled)
+    rows, cell, within, cell_mass = _stratified_cells(_cell_mass(change, uniform_share), draws, rng)
+    # Within row k the density of alpha is cell_mass * G; rows are averaged with weight 1 / K.
+    return rows, (cell + within) / G, 1.0 / (draws[rows] * K * cell_mass * G)
 
 
 def _flat_design(n_background: int, per_background: int, scheme: str, rng: np.random.Generator):
