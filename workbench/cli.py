@@ -284,7 +284,7 @@ def lab_command(
     console.print(f"JupyterLab: {command.url}", highlight=False, soft_wrap=True)
     exec_server(command)
 
-# --- model commands (predict) ---
+# --- model commands (predict, explain) ---
 
 
 @app.command()
@@ -302,6 +302,29 @@ def predict(
     preds = score(model, data, times)
     write_parquet_atomic(preds, out)
     Console().print(f"{preds.height:,} predictions -> {out}")
+
+
+@app.command()
+@reports_errors
+def explain(
+    run: str = typer.Option(..., "--run", help="MLflow run id of a sequence model run"),
+    subjects: Optional[list[int]] = typer.Option(None, "--subjects", help="Explain only these subject ids (repeatable)"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Explain at most this many held-out samples"),
+    config: Optional[Path] = typer.Option(None, "--config", help="ExplainConfig YAML"),
+) -> None:
+    """SHAP per time step for a model run's held-out samples, logged to that run."""
+    import yaml
+
+    from workbench.experiment import explain_run, tensors_for_run
+    from workbench.explain import ExplainConfig
+
+    settings = ExplainConfig(**(yaml.safe_load(config.read_text()) or {})) if config else ExplainConfig()
+    result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples)
+    out = Console()
+    out.print(f"{result.frame.select('subject_id', 'prediction_time').n_unique():,} samples explained; "
+              f"logged to run {run} under explanations/ and plots/")
+    for key, value in result.checks.items():
+        out.print(f"  {key:36s} {value:.4g}")
 
 
 # --- schedule commands ---
@@ -464,34 +487,11 @@ def deploy_command(
     console.print(f"deployment {deployment_id} on work pool {escape(pool)}: start workers with "
                   f"`prefect worker start --pool {escape(pool)}`", highlight=False, soft_wrap=True)
 
-@app.command()
-@reports_errors
-def explain(
-    run: str = typer.Option(..., "--run", help="MLflow run id of a sequence model run"),
-    subjects: Optional[list[int]] = typer.Option(None, "--subjects", help="Explain only these subject ids (repeatable)"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Explain at most this many held-out samples"),
-    config: Optional[Path] = typer.Option(None, "--config", help="ExplainConfig YAML"),
-) -> None:
-    """SHAP per time step for a model run's held-out samples, logged to that run."""
-    import yaml
-
-    from workbench.experiment import explain_run, tensors_for_run
-    from workbench.explain import ExplainConfig
-
-    settings = ExplainConfig(**(yaml.safe_load(config.read_text()) or {})) if config else ExplainConfig()
-    result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples)
-    out = Console()
-    out.print(f"{result.frame.select('subject_id', 'prediction_time').n_unique():,} samples explained; "
-              f"logged to run {run} under explanations/ and plots/")
-    for key, value in result.checks.items():
-        out.print(f"  {key:36s} {value:.4g}")
-
-
 # --- pipeline commands ---
 
 
 def print_pipeline_result(result) -> None:
-    """Summary table of a pipeline run: one row per execution, then where its notebooks are."""
+    """Summary table of a pipeline run, where its notebooks are; a failed step's error and exit 1."""
     from rich.table import Table
 
     out = Console()
@@ -507,6 +507,12 @@ def print_pipeline_result(result) -> None:
     out.print(table)
     out.print(f"executed notebooks: {escape(str(result.run_dir))}", highlight=False, soft_wrap=True)
     out.print(f"parent MLflow run: {result.parent_run_id}", highlight=False)
+    failed = result.failure
+    if failed is not None:
+        console.print(f"[bold red]failed:[/] {escape(failed.error)}", highlight=False, soft_wrap=True)
+        if failed.notebook is not None:
+            console.print(f"executed notebook with the error: {escape(str(failed.notebook))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("run")
@@ -526,12 +532,6 @@ def run_pipeline_command(
 
     result = run_pipeline(pipeline, parse_overrides(param), force=force, engine=engine, console=console)
     print_pipeline_result(result)
-    failed = result.failure
-    if failed is not None:
-        console.print(f"[bold red]failed:[/] {escape(failed.error)}", highlight=False, soft_wrap=True)
-        if failed.notebook is not None:
-            console.print(f"executed notebook with the error: {escape(str(failed.notebook))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
 
 
 # --- demo ---
@@ -565,9 +565,6 @@ def demo(
     print_validation(require_valid(load("pbc")))
     result = run_pipeline(demo_pipeline(), parse_overrides(param), force=force, console=console)
     print_pipeline_result(result)
-    if result.failure is not None:
-        console.print(f"[bold red]failed:[/] {escape(result.failure.error)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
     champion = MlflowClient().get_model_version_by_alias("pbc_mortality", tracking.CHAMPION)
     out = Console()
     out.print(f"\n[bold]Where to look[/]\n"
