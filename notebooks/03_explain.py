@@ -23,9 +23,10 @@
 
 # %% tags=["parameters"]
 run_id = None  # the model run to explain (default: the best sequence model of the upstream train step)
-n_background = 32  # ExplainConfig.n_background
+n_background = 16  # ExplainConfig.n_background
 background_selection = "kmeans"  # ExplainConfig.background_selection
-alphas_per_background = 1  # ExplainConfig.alphas_per_background
+alphas_per_background = 8  # ExplainConfig.alphas_per_background (gradient points per background path)
+path_grid = 4  # ExplainConfig.path_grid (forward-only points that place them)
 reference_samples = 20  # ExplainConfig.reference_samples
 seed = 0  # ExplainConfig.seed
 subjects = None  # explain only these subject ids (default: every held-out subject)
@@ -44,7 +45,8 @@ from workbench.explain import ExplainConfig
 cohort = load_cohort(cohort_dir or upstream["cohort"][0])
 chosen = run_id or best_sequence_run(upstream["train"])["run_id"]
 config = ExplainConfig(n_background=n_background, background_selection=background_selection,
-                       alphas_per_background=alphas_per_background, reference_samples=reference_samples, seed=seed)
+                       alphas_per_background=alphas_per_background, path_grid=path_grid,
+                       reference_samples=reference_samples, seed=seed)
 result = explain_run(chosen, cohort.tensors, config, subjects=subjects, max_samples=max_samples)
 display(Markdown(f"Explained run `{chosen}`: {result.frame['subject_id'].n_unique()} patients, "
                  f"{result.frame.select('subject_id', 'prediction_time').n_unique()} prediction times."))

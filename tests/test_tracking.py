@@ -3,6 +3,7 @@ read everything back through the MLflow client, promote a champion, score with `
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -154,3 +155,9 @@ def test_pbc_explanations_are_logged_and_read_back(pbc_runs):
     assert "plots/explain_global_importance.png" in plots
     assert any(p.startswith("plots/explain_timeline_subject") for p in plots)
     assert any(p.startswith("plots/explain_heatmap_subject") for p in plots)
+    # A model can be explained again with other settings (nothing write-once is in the way).
+    again = explain_run(run_id, tensors, ExplainConfig(n_background=8, reference_samples=2, deletion_samples=10,
+                                                       progress=False), max_samples=20)
+    assert again.frame.select("subject_id", "prediction_time").n_unique() == 20
+    logged = json.loads(tracking.download_artifact(run_id, "explanations/config.json").read_text())
+    assert logged["n_background"] == 8

@@ -422,7 +422,8 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
         figs |= patient_figures(expl, tensors, raw_X, int(row))
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"explain_{k}": float(v) for k, v in checks.items()})
-        mlflow.log_params({f"config.explain.{k}": v for k, v in tracking.flatten_params({"": config}).items()})
+        # An artifact, not params: a model may be explained again with other settings (params are write-once).
+        mlflow.log_dict(config.model_dump(mode="json"), "explanations/config.json")
         tracking.log_frame(frame, "explanations/explanations.parquet")
         mlflow.log_text(by_step.write_csv(), "explanations/by_step.csv")
         mlflow.log_text(by_feature.write_csv(), "explanations/by_feature.csv")
