@@ -70,3 +70,27 @@ def pipeline_project(tmp_path, monkeypatch, notebooks: dict, name: str, pipeline
     path = tmp_path / "pipelines" / f"{name}.yaml"
     path.write_text(pipeline_yaml)
     return path
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.2):
+    """Poll ``condition`` until it returns something truthy (returned), or fail naming ``what``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors run fastest (and least disturbed by other processes) on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

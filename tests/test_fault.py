@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import pipeline_project
+from conftest import pipeline_project, wait_for
 from workbench import schedule, tracking
 
 WORK_PARAMS = "output_dir = 'scratch'\nhold = 'hold'\n"
@@ -34,16 +33,6 @@ steps:
 def project(tmp_path, monkeypatch):
     notebooks = {"work.ipynb": (WORK_PARAMS, WORK_CELLS)}
     return pipeline_project(tmp_path, monkeypatch, notebooks, "fragile", PIPELINE.replace("HOLD", str(tmp_path / "hold")))
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def kernels_of(pid: int) -> list[int]:

@@ -27,13 +27,7 @@ import torch  # noqa: E402
 T, F = 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors run fastest (and least disturbed by other processes) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sequences(n=32, seed=0):

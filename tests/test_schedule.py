@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import pipeline_project
+from conftest import pipeline_project, wait_for
 from workbench import schedule, tracking
 from workbench.cli import app
 from workbench.errors import WorkbenchError
@@ -116,16 +115,6 @@ def test_run_left_started_by_a_dead_scheduler_is_settled_as_killed(project):
     assert schedule.reconcile() == [entry]
     settled = schedule.history("nightly")[-1]
     assert settled.status == "killed" and "died" in settled.error and settled.ended_at
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def start_scheduler(home: Path) -> subprocess.Popen:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import numpy as np
 import polars as pl
 import pytest

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from pydantic import ValidationError
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -16,13 +15,7 @@ T, F = 8, 3
 SMALL = ModelConfig(units=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors run fastest (and least disturbed by other processes) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def split(n, seed, signal=True):

@@ -56,7 +56,6 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
-import math  # noqa: E402
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from typing import Literal  # noqa: E402
 

@@ -353,7 +353,7 @@ class CohortReport(BaseModel):
         for s in self.splits:
             lines.append(f"| {s.split} | {s.subjects} | {s.labels} | {s.positives} | {s.prevalence:.2%} |")
         lines.append(f"| **all** | {self.subjects} | {self.labels} | {self.positives} | {self.prevalence:.2%} |")
-        lines += [f"", *(f"> warning: {w}" for w in self.warnings)]
+        lines += ["", *(f"> warning: {w}" for w in self.warnings)]
         return "\n".join(lines).rstrip() + "\n"
 
     def _repr_markdown_(self) -> str:  # Jupyter displays the report as tables

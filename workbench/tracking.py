@@ -17,6 +17,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import polars as pl
 from mlflow.tracking import MlflowClient
 
 from workbench.errors import WorkbenchError
@@ -217,13 +218,12 @@ def log_frame(frame, artifact_file: str) -> None:
 
 
 def runs_table(experiment: str, parent_run_id: str | None = None,
-               metrics=("auroc", "auprc", "brier", "ece")) -> "pl.DataFrame":
+               metrics=("auroc", "auprc", "brier", "ece")) -> pl.DataFrame:
     """The model runs of an experiment (optionally one pipeline run's children) with held-out metrics.
 
     One row per run that logged held-out metrics: run id, model, start time, and each metric
     with its CI, best AUROC first. This is what the compare notebook and monitoring read.
     """
-    import polars as pl
 
     exp = MlflowClient().get_experiment_by_name(experiment)
     if exp is None:
