@@ -160,3 +160,12 @@ def test_pbc_explanations_are_logged_and_read_back(pbc_runs):
     assert again.frame.select("subject_id", "prediction_time").n_unique() == 20
     logged = json.loads(tracking.download_artifact(run_id, "explanations/config.json").read_text())
     assert logged["n_background"] == 8
+
+
+def test_explain_reports_an_unknown_run(pbc_runs):
+    home, _, _, _ = pbc_runs
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "explain", "--run", "0123456789abcdef"],
+        capture_output=True, text=True, env={**os.environ, "WORKBENCH_HOME": str(home)}, timeout=120,
+    )
+    assert proc.returncode == 2 and "run 0123456789abcdef: not found" in proc.stderr + proc.stdout

@@ -437,8 +437,10 @@ def tensors_for_run(run_id: str) -> SequenceTensors:
     from workbench.tasks import make_labels
 
     tracking.setup()
-    run = mlflow.get_run(run_id)
-    tags = run.data.tags
+    try:
+        tags = mlflow.get_run(run_id).data.tags
+    except mlflow.exceptions.MlflowException as exc:
+        raise WorkbenchError(f"run {run_id}: not found at {mlflow.get_tracking_uri()} ({exc.message})") from None
     if "workbench.data_root" not in tags or "workbench.task" not in tags:
         raise WorkbenchError(f"run {run_id} is not a workbench model run (no workbench.task / workbench.data_root tags)")
     spec = FeatureSpec.load(tracking.download_artifact(run_id, "feature_spec.json"))

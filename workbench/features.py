@@ -58,6 +58,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.data.meds_io import SPLITS_FILE, MedsDataset, open_dataset
+from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
 
 Agg = Literal["last", "mean", "min", "max"]
@@ -137,15 +138,7 @@ class FeatureConfig(BaseModel):
             raise ValueError(f"aggregations must be unique, got {value}")
         return value
 
-    @field_validator("count_code_patterns", "exclude_code_patterns")
-    @classmethod
-    def _valid_regexes(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
-        return value
+    _valid_regexes = field_validator("count_code_patterns", "exclude_code_patterns")(check_regexes)
 
     @property
     def bin_width_us(self) -> int:

@@ -38,6 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.data.meds_io import MedsDataset, open_dataset, write_parquet_atomic
+from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
 
 #: Columns (and polars dtypes) of a saved labels file: exactly meds.LabelSchema's boolean task.
@@ -61,15 +62,6 @@ class _Section(BaseModel):
     """Base of every spec section: unknown keys are errors, so a YAML typo never goes unnoticed."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _check_patterns(patterns: list[str]) -> list[str]:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
-    return patterns
 
 
 class PredictionTimes(_Section):
@@ -101,7 +93,7 @@ class PredictionTimes(_Section):
         "relative paths resolve against the spec file's directory.",
     )
 
-    _check = field_validator("patterns")(_check_patterns)
+    _check = field_validator("patterns")(check_regexes)
 
     @model_validator(mode="after")
     def _kind_has_its_fields(self) -> "PredictionTimes":
@@ -122,7 +114,7 @@ class Outcome(_Section):
         0.0, ge=0, description="Window start, in days after the prediction time (>= 0, < horizon_days)."
     )
 
-    _check = field_validator("patterns")(_check_patterns)
+    _check = field_validator("patterns")(check_regexes)
 
     @model_validator(mode="after")
     def _window_not_empty(self) -> "Outcome":
@@ -147,7 +139,7 @@ class Censoring(_Section):
         default_factory=list, description="Regular expressions (search) for competing-event codes."
     )
 
-    _check = field_validator("competing_patterns")(_check_patterns)
+    _check = field_validator("competing_patterns")(check_regexes)
 
 
 class Inclusion(_Section):

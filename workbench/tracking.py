@@ -177,19 +177,17 @@ def run_of_model(model_uri: str) -> str:
     client = MlflowClient()
     body = model_uri.removeprefix("models:/")
     if "@" in body:
-        name, alias = body.split("@", 1)
-        try:
-            mv = client.get_model_version_by_alias(name, alias)
-        except mlflow.exceptions.MlflowException as exc:
-            raise WorkbenchError(f"model {model_uri}: no such registered model or alias ({exc.message})") from exc
+        lookup = client.get_model_version_by_alias
+        name, ref = body.split("@", 1)
     elif "/" in body:
-        name, version = body.split("/", 1)
-        try:
-            mv = client.get_model_version(name, version)
-        except mlflow.exceptions.MlflowException as exc:
-            raise WorkbenchError(f"model {model_uri}: no such registered model version ({exc.message})") from exc
+        lookup = client.get_model_version
+        name, ref = body.split("/", 1)
     else:
         raise WorkbenchError(f"model {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    try:
+        mv = lookup(name, ref)
+    except mlflow.exceptions.MlflowException as exc:
+        raise WorkbenchError(f"model {model_uri}: no such registered model, alias or version ({exc.message})") from exc
     return mv.run_id
 
 
