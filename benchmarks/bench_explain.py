@@ -94,8 +94,9 @@ def main() -> None:
     print(f"  {fast_per_1000:8.1f} s per 1,000 sequences ({args.n} explained; CPU {fast_cpu_per_1000:.1f} s on "
           f"{args.threads} thread(s), load average {load:.1f} on {os.cpu_count()} cores)")
     print(f"  additivity: mean rel error {metrics['additivity_mean_rel_error']:.4f}, max {metrics['additivity_max_rel_error']:.3f}")
-    print(f"  deletion: top-k {metrics['deletion_auc_top']:.4f} vs random {metrics['deletion_auc_random']:.4f} "
-          f"(faithfulness {metrics['faithfulness']:.4f})")
+    print(f"  deletion: |change| removing the top-k steps {metrics['deletion_change_top']:.4f} vs k random steps "
+          f"{metrics['deletion_change_random']:.4f} (top beats random in {metrics['deletion_win_rate']:.0%} of sequences; "
+          f"predicted vs actual change: r = {metrics['deletion_agreement']:.3f})")
     for method, ref_per_1000, agreement, ref_err in rows:
         name = "KernelSHAP (TimeSHAP's method)" if method == "kernel" else "PermutationSHAP (antithetic)"
         print(f"\nexact per-step reference, {name}, extrapolated from {args.reference} sequences:")

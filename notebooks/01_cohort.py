@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: workbench
+#     display_name: Python (workbench)
 #     language: python
 #     name: workbench
 # ---
@@ -18,49 +20,52 @@
 # with the outcome observed in the horizon after it. Patients whose follow-up ends before the
 # horizon without the outcome, or who reach a competing event first, are **excluded, not
 # counted as negatives**. The cohort report below says how many prediction times each rule
-# dropped, and how prevalent the outcome is in each split.
+# dropped, and how prevalent the outcome is in each split. Labels made elsewhere (ACES, SQL)
+# come in as the task itself: a parquet of `subject_id, prediction_time, boolean_value`, whose
+# file name names the task.
 #
 # The labels are then turned into sequence tensors: the last `n_steps` bins of `bin_width`
 # before each prediction time, using only events at or before it. Normalization statistics
-# come from the train split alone.
+# come from the train split alone. Run on its own, this notebook builds the cohort once and
+# caches it under `runs/cohorts/`, where `02_train` finds it.
 
 # %% tags=["parameters"]
-task = "pbc_mortality"  # a shipped task name or a task YAML path
+task = "pbc_mortality"  # a shipped task name, a task YAML path, or a labels parquet made elsewhere
 data = "pbc"  # a bundled dataset name or a MEDS directory
-bin_width = "90d"  # FeatureConfig.bin_width
-n_steps = 16  # FeatureConfig.n_steps
-numeric_aggs = ["last"]  # FeatureConfig.numeric_aggs
-add_missing_indicators = False  # FeatureConfig.add_missing_indicators
-add_time_since_last = False  # FeatureConfig.add_time_since_last
+features = {}  # FeatureConfig fields on top of the task's own `features`, e.g. {"n_steps": 8, "bin_width": "30d"}
 output_dir = None  # where the cohort is saved (the pipeline sets it)
 mlflow_run_id = None  # the MLflow run to log to (the pipeline sets it)
 
 # %%
-import mlflow
 from IPython.display import Markdown, display
 
 from workbench import tracking
+from workbench.cohort import cached_cohort, prepare_cohort, settings_markdown
 from workbench.data.meds_io import open_dataset
-from workbench.experiment import prepare_cohort
-from workbench.features import FeatureConfig, split_counts
+from workbench.features import split_counts
 from workbench.plots import patient_timelines_plot
 
-features = FeatureConfig(
-    bin_width=bin_width, n_steps=n_steps, numeric_aggs=numeric_aggs,
-    add_missing_indicators=add_missing_indicators, add_time_since_last=add_time_since_last,
-)
-cohort = prepare_cohort(task, data, features)
+display(Markdown(tracking.store_description()))
+cohort = (prepare_cohort if output_dir else cached_cohort)(task, data, features)
 cohort.report
+
+# %% [markdown]
+# ## Feature settings
+# Each setting of the tensorization, and whether it is the default, the task's choice or a parameter.
+
+# %%
+display(Markdown(settings_markdown(cohort.task, features)))
 
 # %% [markdown]
 # ## A few patients' histories
 # Every mark is an event; the rows are patients with at least one positive label.
 
-# %%
+# %% tags=["figure"]
 positives = cohort.labels.filter(cohort.labels["boolean_value"])["subject_id"].unique().sort().head(4).to_list()
 negatives = cohort.labels.filter(~cohort.labels["boolean_value"])["subject_id"].unique().sort().head(2).to_list()
 events = open_dataset(cohort.data_root).events().collect()
-patient_timelines_plot(events, positives + negatives, title="Event timelines (first 4 with a positive label, 2 without)")
+display(patient_timelines_plot(events, positives + negatives,
+                               title="Event timelines (first 4 with a positive label, 2 without)"))
 
 # %% [markdown]
 # ## Sequence tensors
@@ -76,8 +81,4 @@ display(Markdown(
 if output_dir:
     cohort.save(output_dir)
 if mlflow_run_id:
-    tracking.setup()
-    with mlflow.start_run(run_id=mlflow_run_id):
-        mlflow.log_metrics(cohort.report.to_metrics())
-        mlflow.log_dict(cohort.report.to_dict(), "cohort/report.json")
-        mlflow.log_text(cohort.report.to_markdown(), "cohort/report.md")
+    tracking.log_cohort(mlflow_run_id, cohort)

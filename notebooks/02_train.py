@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: workbench
+#     display_name: Python (workbench)
 #     language: python
 #     name: workbench
 # ---
@@ -17,26 +19,41 @@
 # `model` picks the architecture: a recurrent network (`lstm`, `gru`, `rnn`) over the patient's
 # sequence, or one of the two references every comparison shows: logistic regression on the
 # most recent values (`logistic`) and, for PBC, the published Mayo risk score (`mayo`, nothing
-# fitted). Sequence models stop early on the tuning split and keep their best epoch.
-# Everything is evaluated once, on the held-out patients, with patient-level bootstrap CIs,
-# and recorded in MLflow; sequence models are registered and the best becomes `champion`.
+# fitted; skipped, with the reason, where its inputs do not exist). Sequence models stop early
+# on the tuning split and keep their best epoch. Everything is evaluated once, on the held-out
+# patients, with patient-level bootstrap CIs, and recorded in MLflow; sequence models are
+# registered under the task's name and the best becomes `champion`.
+#
+# Run on its own, the notebook trains on the cohort of `task`, `data` and `features`
+# (built once, then reused from `runs/cohorts/`); in a pipeline it uses the cohort step's.
+# Every other parameter is a field of `ModelConfig`, `TrainConfig` or `EvalConfig`, with the
+# same name and default (their docstrings say what each does).
 
 # %% tags=["parameters"]
 model = "lstm"  # lstm | gru | rnn | logistic | mayo
-units = 64  # ModelConfig.units
-layers = 1  # ModelConfig.layers
-dropout = 0.0  # ModelConfig.dropout
-recurrent_dropout = 0.0  # ModelConfig.recurrent_dropout
-bidirectional = False  # ModelConfig.bidirectional
-learning_rate = 0.001  # ModelConfig.learning_rate
-epochs = 30  # TrainConfig.epochs
-batch_size = 64  # TrainConfig.batch_size
-patience = 5  # TrainConfig.patience
-seed = 0  # TrainConfig.seed
-early_stopping_metric = "auroc"  # TrainConfig.early_stopping_metric
-threshold = 0.5  # EvalConfig.threshold
-n_bootstrap = 1000  # EvalConfig.n_bootstrap
-cohort_dir = None  # a saved cohort (defaults to the pipeline's cohort step output)
+task = "pbc_mortality"  # the cohort when none is handed over (see 01_cohort)
+data = "pbc"
+features = {}
+units = 64  # ModelConfig
+layers = 1
+dropout = 0.0
+recurrent_dropout = 0.0
+bidirectional = False
+head_units = 0
+learning_rate = 0.001
+epochs = 30  # TrainConfig
+batch_size = 256
+patience = 5
+seed = 0  # TrainConfig.seed and EvalConfig.seed (bootstrap)
+early_stopping_metric = "auroc"
+class_weight = "balanced"
+threshold = 0.5  # EvalConfig
+n_bootstrap = 1000
+ci = 0.95
+n_calibration_bins = 10
+calibration_strategy = "uniform"
+age_bands = [0.0, 50.0, 65.0, 200.0]
+cohort_dir = None  # a saved cohort (default: the pipeline's cohort step output)
 upstream = None  # {step: [output dirs]} (the pipeline sets it)
 output_dir = None
 mlflow_run_id = None
@@ -45,35 +62,29 @@ mlflow_parent_run_id = None
 # %%
 from IPython.display import Markdown, display
 
+from workbench import tracking
+from workbench.cohort import cached_cohort, load_cohort
 from workbench.evaluation import EvalConfig
-from workbench.experiment import load_cohort, run_model, save_model_run
+from workbench.experiment import run_model, save_model_run
 from workbench.models import ModelConfig
-from workbench.plots import calibration_plot, pr_curve_plot, roc_curve_plot, training_curves_plot
 from workbench.training import TrainConfig
 
-cohort = load_cohort(cohort_dir or upstream["cohort"][0])
+display(Markdown(tracking.store_description()))
+handed_over = cohort_dir or (upstream or {}).get("cohort", [None])[0]
+cohort = load_cohort(handed_over) if handed_over else cached_cohort(task, data, features)
 configs = dict(
     model_config=ModelConfig(units=units, layers=layers, dropout=dropout, recurrent_dropout=recurrent_dropout,
-                             bidirectional=bidirectional, learning_rate=learning_rate),
+                             bidirectional=bidirectional, head_units=head_units, learning_rate=learning_rate),
     train_config=TrainConfig(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed,
-                             early_stopping_metric=early_stopping_metric),
-    eval_config=EvalConfig(threshold=threshold, n_bootstrap=n_bootstrap),
+                             early_stopping_metric=early_stopping_metric, class_weight=class_weight, progress=False),
+    eval_config=EvalConfig(threshold=threshold, n_bootstrap=n_bootstrap, ci=ci, seed=seed, n_calibration_bins=n_calibration_bins,
+                           calibration_strategy=calibration_strategy, age_bands=age_bands),
 )
 result = run_model(model, cohort.tensors, task=cohort.task, cohort_report=cohort.report, data_root=cohort.data_root,
                    run_id=mlflow_run_id, parent_run_id=None if mlflow_run_id else mlflow_parent_run_id, **configs)
 if output_dir:
     save_model_run(result, output_dir)
-
-# %% [markdown]
-# ## Training curves
-# Loss per epoch and the tuning-split metrics that drive early stopping; the dashed line marks
-# the epoch whose weights were kept.
-
-# %%
-if result.fitted.history:
-    display(training_curves_plot(result.fitted.history, best_epoch=result.fitted.best_epoch))
-else:
-    display(Markdown(f"`{model}` is not trained by epochs."))
+display(Markdown(result.summary()))
 
 # %% [markdown]
 # ## Held-out performance
@@ -81,10 +92,13 @@ else:
 # prediction times of one patient are resampled together), overall and per subgroup.
 
 # %%
-display(Markdown(result.evaluation.to_markdown()))
-held_out = cohort.tensors.by_split("held_out")
-curves = {model: (held_out.y, result.risk)}
-display(roc_curve_plot(curves), pr_curve_plot(curves), calibration_plot(curves))
+display(Markdown(result.evaluation.to_markdown() if result.evaluation else "Nothing to evaluate."))
 
-# %%
-display(Markdown(f"MLflow run `{result.run_id}`; registry: `{result.registry}`"))
+# %% [markdown]
+# ## Curves
+# ROC and precision-recall curves and the calibration plot on the held-out patients; for
+# sequence models also the loss per epoch and the tuning-split metrics that drive early
+# stopping (the dashed line marks the epoch whose weights were kept).
+
+# %% tags=["figure"]
+display(*result.figures.values())

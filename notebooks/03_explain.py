@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: workbench
+#     display_name: Python (workbench)
 #     language: python
 #     name: workbench
 # ---
@@ -15,67 +17,69 @@
 # # 03 · Explain: which moments of a patient's history drove the risk
 #
 # SHAP values per time step and feature (expected gradients against a background of train
-# patients), for the best sequence model of the sweep on its held-out patients. Padded steps
-# (before a patient's history starts) get no attribution. Every explanation run is checked:
+# patients) for one sequence model on its held-out patients: by default the best sequence
+# model of the pipeline's sweep (by tuning AUROC), or, run on its own, the task's current
+# `champion`. Padded steps (before a patient's history starts) get no attribution. Every
+# explanation is checked, each check with its threshold and a PASS / WARN verdict:
 # **additivity** (attributions sum to risk minus base value), agreement with an **exact
-# per-step Shapley reference** on a sample of patients, and a **deletion curve** (removing the
-# top-ranked steps should lower the risk more than removing random ones).
+# per-step Shapley reference** on a sample of patients, and a **deletion test** (removing the
+# top-ranked steps must move the risk more than removing random ones).
 
 # %% tags=["parameters"]
-run_id = None  # the model run to explain (default: the best sequence model of the upstream train step)
-n_background = 16  # ExplainConfig.n_background
-background_selection = "kmeans"  # ExplainConfig.background_selection
-alphas_per_background = 8  # ExplainConfig.alphas_per_background (gradient points per background path)
-path_grid = 4  # ExplainConfig.path_grid (forward-only points that place them)
-reference_samples = 20  # ExplainConfig.reference_samples
-seed = 0  # ExplainConfig.seed
+task = "pbc_mortality"  # whose champion is explained when neither run_id nor upstream is given
+run_id = None  # the model run to explain
+n_background = 16  # ExplainConfig
+background_selection = "kmeans"
+alphas_per_background = 8
+path_grid = 4
+reference_samples = 20
+seed = 0
+explain_settings = {}  # any other ExplainConfig field, e.g. {"output_space": "logit", "deletion_samples": 100}
 subjects = None  # explain only these subject ids (default: every held-out subject)
 max_samples = None  # explain at most this many held-out samples
-cohort_dir = None  # a saved cohort (default: the pipeline's cohort step output)
+n_patients = 3  # patients shown (the highest predicted risks)
 upstream = None
 output_dir = None
-mlflow_run_id = None
 
 # %%
 from IPython.display import Markdown, display
 
-from workbench.experiment import best_sequence_run, explain_run, load_cohort
+from workbench import tracking
+from workbench.experiment import tensors_for_run
 from workbench.explain import ExplainConfig
+from workbench.explanations import choose_run_to_explain, explain_run
 
-cohort = load_cohort(cohort_dir or upstream["cohort"][0])
-chosen = run_id or best_sequence_run(upstream["train"])["run_id"]
-config = ExplainConfig(n_background=n_background, background_selection=background_selection,
-                       alphas_per_background=alphas_per_background, path_grid=path_grid,
-                       reference_samples=reference_samples, seed=seed)
-result = explain_run(chosen, cohort.tensors, config, subjects=subjects, max_samples=max_samples)
-display(Markdown(f"Explained run `{chosen}`: {result.frame['subject_id'].n_unique()} patients, "
-                 f"{result.frame.select('subject_id', 'prediction_time').n_unique()} prediction times."))
+display(Markdown(tracking.store_description()))
+chosen = choose_run_to_explain(run_id, upstream, task)
+config = ExplainConfig(**{"n_background": n_background, "background_selection": background_selection,
+                          "alphas_per_background": alphas_per_background, "path_grid": path_grid,
+                          "reference_samples": reference_samples, "seed": seed, "progress": False, **explain_settings})
+result = explain_run(chosen, tensors_for_run(chosen), config, subjects=subjects, max_samples=max_samples,
+                     n_patients=n_patients)
+display(Markdown(result.summary()))
 
 # %% [markdown]
 # ## Can these explanations be trusted?
 
 # %%
-result.checks
+display(Markdown(result.checks_markdown()))
 
 # %% [markdown]
 # ## Global importance
 # Mean |SHAP| over every explained cell, by feature and by how many steps before the
 # prediction time the cell lies.
 
-# %%
-result.figures["explain_global_importance"]
+# %% tags=["figure"]
+display(result.figures["explain_global_importance"])
 
 # %% [markdown]
 # ## Patients with the highest predicted risk
 # For each: the time steps (bars, red raises the risk) with the risk the model gave at each of
 # the patient's earlier visits, then the step-by-feature heatmap with the measured values.
 
-# %%
+# %% tags=["figure"]
 display(*[figure for name, figure in result.figures.items() if name != "explain_global_importance"])
 
 # %%
 if output_dir:
-    from pathlib import Path
-
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    result.frame.write_parquet(Path(output_dir) / "explanations.parquet")
+    result.save(output_dir)

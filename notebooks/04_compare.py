@@ -5,8 +5,10 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: workbench
+#     display_name: Python (workbench)
 #     language: python
 #     name: workbench
 # ---
@@ -14,38 +16,49 @@
 # %% [markdown]
 # # 04 · Compare models
 #
-# Pulls every model run of the task's MLflow experiment (or of one pipeline run) and lays the
-# held-out metrics side by side, with their confidence intervals. Overlapping intervals mean
-# the held-out set cannot tell the models apart.
+# The held-out metrics of a pipeline's models side by side (or, run on its own, the latest run
+# of each model in the task's MLflow experiment), with their confidence intervals, and their
+# ROC, precision-recall and calibration curves overlaid on the same held-out patients.
+# Overlapping intervals mean the held-out set cannot tell the models apart.
 
 # %% tags=["parameters"]
 task = "pbc_mortality"  # the MLflow experiment (one per task)
-mlflow_parent_run_id = None  # only this pipeline run's models (None: every run of the task)
+upstream = None  # the pipeline's train outputs (None: the latest run of each model in the experiment)
 mlflow_run_id = None
 output_dir = None
 
 # %%
-import mlflow
 from IPython.display import Markdown, display
 
 from workbench import tracking
-from workbench.plots import metric_comparison_plot
+from workbench.comparison import compare_runs
 
-tracking.setup()
-table = tracking.runs_table(task, parent_run_id=mlflow_parent_run_id)
-display(Markdown(tracking.runs_markdown(table)))
+display(Markdown(tracking.store_description()))
+comparison = compare_runs(task, upstream)
+display(Markdown(comparison.markdown()))
 
-# %%
-figure = metric_comparison_plot(table)
-figure
+# %% [markdown]
+# ## Held-out AUROC with 95% CIs
+
+# %% tags=["figure"]
+display(comparison.figures["auroc_forest"])
+
+# %% [markdown]
+# ## Every model on the same patients
+# ROC and precision-recall curves, and calibration: predicted risk against the observed rate.
+
+# %% tags=["figure"]
+display(comparison.figures["roc"], comparison.figures["pr"], comparison.figures["calibration"])
+
+# %% [markdown]
+# ## All metrics
+# AUROC and AUPRC (higher is better), Brier score and ECE (lower is better).
+
+# %% tags=["figure"]
+display(comparison.figures["metrics"])
 
 # %%
 if output_dir:
-    from pathlib import Path
-
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    table.write_csv(Path(output_dir) / "comparison.csv")
+    comparison.save(output_dir)
 if mlflow_run_id:
-    with mlflow.start_run(run_id=mlflow_run_id):
-        mlflow.log_text(table.write_csv(), "comparison/models.csv")
-        mlflow.log_figure(figure, "comparison/metrics.png")
+    comparison.log(mlflow_run_id)

@@ -12,15 +12,20 @@ import os
 import time
 import uuid
 
+import shutil
+from pathlib import Path
+
 import nbformat
 import psutil
 import pytest
 import requests
 import websocket
 
-from ui_servers import free_port, listening_addresses, workbench_server
+from conftest import wait_for
+from ui_servers import Browser, free_port, listening_addresses, workbench_server
 
 TOKEN = "lab-test-" + uuid.uuid4().hex
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 @pytest.fixture
@@ -30,6 +35,7 @@ def lab(tmp_path):
     (project / "notebooks").mkdir(parents=True)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
     nbformat.write(nb, project / "notebooks" / "hello.ipynb")
+    shutil.copy(NOTEBOOKS / "02_train.ipynb", project / "notebooks")
     port = free_port()
     env = {
         **os.environ,
@@ -102,7 +108,7 @@ def test_lab_lists_notebooks_and_runs_a_cell_in_the_workbench_kernel(lab):
     assert api("GET", base, "/api/contents", token="wrong").status_code in (401, 403)
 
     listing = api("GET", base, "/api/contents").json()
-    assert {(item["name"], item["type"]) for item in listing["content"]} == {("hello.ipynb", "notebook")}
+    assert {(item["name"], item["type"]) for item in listing["content"]} == {("hello.ipynb", "notebook"), ("02_train.ipynb", "notebook")}
     assert "workbench" in api("GET", base, "/api/kernelspecs").json()["kernelspecs"]
 
     started = api("POST", base, "/api/kernels", json={"name": "workbench"})
@@ -116,3 +122,25 @@ def test_lab_lists_notebooks_and_runs_a_cell_in_the_workbench_kernel(lab):
     while psutil.pid_exists(int(pid)) and time.monotonic() < gone:
         time.sleep(0.2)
     assert not psutil.pid_exists(int(pid)), "the kernel outlived its DELETE"
+
+
+@pytest.mark.slow
+def test_jupyterlab_opens_a_project_notebook_without_marking_it_modified(lab, tmp_path):
+    """In a real browser: open 02_train.ipynb, let its workbench kernel start; the tab must not turn dirty
+    (JupyterLab rewrites kernelspec / language_info metadata that differ from the running kernel's)."""
+    base, _, _, _ = lab
+    browser = Browser(tmp_path / "chromium-profile")
+    try:
+        browser.call("Page.navigate", url=f"{base}/lab/tree/02_train.ipynb?token={TOKEN}")
+        tab = "[...document.querySelectorAll('.lm-TabBar-tab')].find(t => t.textContent.includes('02_train.ipynb'))"
+        kernel = "(document.querySelector('.jp-NotebookPanel-toolbar .jp-Toolbar-kernelName') || {}).textContent"
+        status = "(document.querySelector('.jp-Notebook-ExecutionIndicator') || {getAttribute: () => null}).getAttribute('data-status')"
+        wait_for(lambda: browser.evaluate(f"!!{tab}") and browser.evaluate(kernel) == "Python (workbench)"
+                 and browser.evaluate(status) == "idle", 180, "the notebook open with its kernel idle")
+        # Metadata updates follow the kernel's info reply; give them a few polls to land.
+        for _ in range(10):
+            assert "jp-mod-dirty" not in browser.evaluate(f"{tab}.className"), "opening the notebook modified it"
+            time.sleep(0.5)
+        browser.screenshot(tmp_path / "lab.png")
+    finally:
+        browser.close()

@@ -208,7 +208,7 @@ def test_cache_key_follows_data_behind_a_path_parameter(project, tmp_path):
     """New data at the same path is a cache miss (a scheduled rerun on a refreshed dataset)."""
     import dataclasses
 
-    from workbench.pipelines import path_fingerprint
+    from workbench.files import path_fingerprint
 
     data = tmp_path / "dataset"
     (data / "data").mkdir(parents=True)

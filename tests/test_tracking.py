@@ -135,7 +135,7 @@ def test_predict_reports_an_unknown_model(pbc_runs, tmp_path):
 
 
 def test_pbc_explanations_are_logged_and_read_back(pbc_runs):
-    from workbench.experiment import explain_run
+    from workbench.explanations import explain_run
     from workbench.explain import ExplainConfig
 
     _, _, tensors, runs = pbc_runs

@@ -8,7 +8,6 @@ Chromium and reads the runs table from the DOM; the screenshot lands in test-art
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from bs4 import BeautifulSoup
 from typer.testing import CliRunner
 
-from ui_servers import free_port, listening_addresses, workbench_server
+from ui_servers import CHROMIUM_FLAGS, chromium, free_port, listening_addresses, workbench_server
 from workbench import ui
 from workbench.cli import app
 from workbench.errors import WorkbenchError
@@ -113,14 +112,6 @@ def store_with_three_runs(tmp_path, monkeypatch):
     return home, experiment, run_ids
 
 
-def chromium() -> str:
-    """Debian's chromium (the CI script installs it); a clear failure where it is missing."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail("the browser test needs Chromium: apt-get install -y chromium")
-    return path
-
-
 def render(url: str, screenshot: Path, profile: Path) -> str:
     """Load ``url`` in headless Chromium, save a screenshot, return the DOM after scripts ran.
 
@@ -128,9 +119,7 @@ def render(url: str, screenshot: Path, profile: Path) -> str:
     while requests to the server are pending, so the runs table is there when the DOM is dumped.
     """
     argv = [
-        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--window-size=1920,1000", "--virtual-time-budget=30000",
+        chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1920,1000", "--virtual-time-budget=30000",
         f"--screenshot={screenshot}", "--dump-dom", url,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=180, check=True).stdout

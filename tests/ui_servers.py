@@ -18,6 +18,11 @@ from typing import Callable, Iterator
 
 import psutil
 
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
 WORKBENCH = Path(sys.executable).with_name("workbench")
 
 
@@ -69,3 +74,84 @@ def workbench_server(
             yield proc
         finally:
             stop_process_group(proc)
+
+
+def chromium() -> str:
+    """Debian's chromium (the CI script installs it); a clear failure where it is missing."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("the browser test needs Chromium: apt-get install -y chromium")
+    return path
+
+
+def screenshot(url: str, png: Path, profile: Path, width: int = 1280, height: int = 2400) -> Path:
+    """A headless Chromium screenshot of ``url`` (a page or a file:// HTML) as ``png``."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.unlink(missing_ok=True)
+    argv = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+            f"--screenshot={png}", url]
+    subprocess.run(argv, capture_output=True, text=True, timeout=180, check=True)
+    return png
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (websocket): navigate, evaluate JavaScript."""
+
+    def __init__(self, profile: Path, width: int = 1400, height: int = 900):
+        import json
+        import urllib.request
+
+        import websocket
+
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={self.port}",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=2).read())
+                page = next(t for t in targets if t["type"] == "page")
+                break
+            except (OSError, StopIteration, ValueError):
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise AssertionError("Chromium's DevTools endpoint did not come up in 60 s")
+                time.sleep(0.3)
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60)
+        self._id = 0
+
+    def call(self, method: str, **params) -> dict:
+        import json
+
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def screenshot(self, png: Path) -> Path:
+        import base64
+
+        png.parent.mkdir(parents=True, exist_ok=True)
+        png.write_bytes(base64.b64decode(self.call("Page.captureScreenshot")["data"]))
+        return png
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)

@@ -296,7 +296,7 @@ def predict(
     times: Optional[Path] = typer.Option(None, "--times", help="Parquet of subject_id, prediction_time (default: each subject's last event)"),
 ) -> None:
     """Score a MEDS dataset with a registered model and its saved FeatureSpec."""
-    from workbench.data.meds_io import write_parquet_atomic
+    from workbench.files import write_parquet_atomic
     from workbench.experiment import score
 
     preds = score(model, data, times)
@@ -312,19 +312,21 @@ def explain(
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Explain at most this many held-out samples"),
     config: Optional[Path] = typer.Option(None, "--config", help="ExplainConfig YAML"),
 ) -> None:
-    """SHAP per time step for a model run's held-out samples, logged to that run."""
-    import yaml
-
-    from workbench.experiment import explain_run, tensors_for_run
+    """SHAP per time step for a model run's held-out samples, logged to that run, with checks and verdicts."""
+    from workbench.config import load_yaml_config
+    from workbench.experiment import tensors_for_run
     from workbench.explain import ExplainConfig
+    from workbench.explanations import explain_run
 
-    settings = ExplainConfig(**(yaml.safe_load(config.read_text()) or {})) if config else ExplainConfig()
+    settings = load_yaml_config(ExplainConfig, config) if config else ExplainConfig()
     result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples)
     out = Console()
     out.print(f"{result.frame.select('subject_id', 'prediction_time').n_unique():,} samples explained; "
-              f"logged to run {run} under explanations/ and plots/")
-    for key, value in result.checks.items():
-        out.print(f"  {key:36s} {value:.4g}")
+              f"logged to run {run} under explanations/ and plots/", highlight=False, soft_wrap=True)
+    for row in result.verdicts.iter_rows(named=True):
+        style = "green" if row["verdict"] == "PASS" else "bold yellow"
+        out.print(f"  [{style}]{row['verdict']:4s}[/] {escape(row['check'])}: {row['value']:.4g} "
+                  f"(threshold {escape(row['threshold'])})", highlight=False, soft_wrap=True)
 
 
 # --- schedule commands ---
@@ -490,22 +492,27 @@ def deploy_command(
 # --- pipeline commands ---
 
 
+def stdout_console() -> Console:
+    """Standard output; where it is not a terminal (a log, CI) wide enough that no id or path is cut."""
+    return Console() if sys.stdout.isatty() else Console(width=250)
+
+
 def print_pipeline_result(result) -> None:
     """Summary table of a pipeline run, where its notebooks are; a failed step's error and exit 1."""
     from rich.table import Table
 
-    out = Console()
+    out = stdout_console()
     styles = {"finished": "green", "cached": "cyan", "failed": "bold red"}
     table = Table(title=f"pipeline {result.pipeline}  {result.pipeline_run_id}")
-    for column in ("step", "status", "seconds", "MLflow run", "output"):
-        table.add_column(column)
+    for column in ("step", "status", "seconds", "MLflow run"):
+        table.add_column(column, overflow="fold")
     for r in result.executions:
         table.add_row(
             escape(r.label), f"[{styles[r.status]}]{r.status}[/]",
-            "" if r.status == "cached" else f"{r.seconds:.1f}", r.run_id or "", escape(str(r.output_dir)),
+            "" if r.status == "cached" else f"{r.seconds:.1f}", r.run_id or "",
         )
     out.print(table)
-    out.print(f"executed notebooks: {escape(str(result.run_dir))}", highlight=False, soft_wrap=True)
+    out.print(f"executed notebooks (.ipynb and .html) and step outputs: {escape(str(result.run_dir))}", highlight=False, soft_wrap=True)
     out.print(f"parent MLflow run: {result.parent_run_id}", highlight=False)
     failed = result.failure
     if failed is not None:
@@ -513,12 +520,37 @@ def print_pipeline_result(result) -> None:
         if failed.notebook is not None:
             console.print(f"executed notebook with the error: {escape(str(failed.notebook))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+    print_models(result)
+
+
+def print_models(result) -> None:
+    """The held-out metrics of the models a pipeline trained (cached ones included), best AUROC first."""
+    from rich.table import Table
+
+    from workbench.comparison import METRICS, train_run_ids
+    from workbench.evaluation import format_with_ci
+    from workbench.tracking import runs_table
+
+    handed = train_run_ids({"train": [r.output_dir for r in result.step("train")]})
+    if not handed:
+        return
+    models = runs_table(result.experiment, run_ids=handed[0])
+    table = Table(title=f"held-out metrics, 95% CIs from a bootstrap over patients (experiment {result.experiment})")
+    for column in ("model", *(m.upper() for m in METRICS), "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for row in models.iter_rows(named=True):
+        cells = [format_with_ci({"value": row[m], "ci_low": row[f"{m}_ci_low"], "ci_high": row[f"{m}_ci_high"]}, 3) for m in METRICS]
+        table.add_row(escape(row["model"]), *cells, row["run_id"])
+    out = stdout_console()
+    out.print(table)
+    for kind, reason in handed[1].items():
+        out.print(f"{escape(kind)}: not fitted ({escape(reason)})", highlight=False, soft_wrap=True)
 
 
 @app.command("run")
 @reports_errors
 def run_pipeline_command(
-    pipeline: Path = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/pbc_mortality.yaml"),
+    pipeline: str = typer.Argument(..., help="Pipeline YAML or shipped name: pipelines/pbc_mortality.yaml, risk_model"),
     param: Optional[list[str]] = typer.Option(
         None, "-p", "--param", help="Override a pipeline or notebook parameter: key=value (repeatable)"
     ),
@@ -530,22 +562,28 @@ def run_pipeline_command(
     """Run a pipeline's notebooks with Papermill, one MLflow run each (exit 1 if a step fails)."""
     from workbench.pipelines import parse_overrides, run_pipeline
 
-    result = run_pipeline(pipeline, parse_overrides(param), force=force, engine=engine, console=console)
+    result = run_pipeline(find_pipeline(pipeline), parse_overrides(param), force=force, engine=engine, console=console)
     print_pipeline_result(result)
 
 
 # --- demo ---
 
 
-def demo_pipeline() -> Path:
-    """The shipped pbc_mortality pipeline: the project's copy, else the one beside the package."""
+def find_pipeline(name_or_path: str | Path) -> Path:
+    """A pipeline YAML: the path given, else a shipped pipeline of that name (``risk_model``) in the
+    project's ``pipelines/`` or the one beside the package."""
     from workbench.tracking import project_home
 
-    for base in (project_home(), Path(__file__).resolve().parents[1]):
-        path = base / "pipelines" / "pbc_mortality.yaml"
-        if path.exists():
-            return path
-    raise WorkbenchError("pipelines/pbc_mortality.yaml not found (run from the project root)")
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    folders = [project_home() / "pipelines", Path(__file__).resolve().parents[1] / "pipelines"]
+    for folder in folders:
+        if (folder / f"{path.name}.yaml").is_file():
+            return folder / f"{path.name}.yaml"
+    shipped = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise WorkbenchError(f"pipeline {str(name_or_path)!r}: no such file and no shipped pipeline of that name "
+                         f"(shipped: {', '.join(shipped) or 'none'})")
 
 
 @app.command()
@@ -563,16 +601,16 @@ def demo(
     from workbench.pipelines import parse_overrides, run_pipeline
 
     print_validation(require_valid(load("pbc")))
-    result = run_pipeline(demo_pipeline(), parse_overrides(param), force=force, console=console)
+    result = run_pipeline(find_pipeline("pbc_mortality"), parse_overrides(param), force=force, console=console)
     print_pipeline_result(result)
     champion = MlflowClient().get_model_version_by_alias("pbc_mortality", tracking.CHAMPION)
-    out = Console()
-    out.print(f"\n[bold]Where to look[/]\n"
-              f"  MLflow UI:          workbench ui   (then open http://127.0.0.1:5000, experiment pbc_mortality)\n"
-              f"  executed notebooks: {escape(str(result.run_dir))}  (.ipynb and .html per step)\n"
-              f"  champion model:     models:/pbc_mortality@champion = version {champion.version} "
-              f"(held-out AUROC {float(champion.tags.get(tracking.AUROC_TAG, 'nan')):.3f}, run {champion.run_id})\n"
-              f"  tracking store:     {tracking.tracking_uri()}", highlight=False, soft_wrap=True)
+    stdout_console().print(
+        f"\n[bold]Where to look[/]\n"
+        f"  MLflow UI:          workbench ui   (then open http://127.0.0.1:5000, experiment pbc_mortality)\n"
+        f"  notebooks:          {escape(str(result.run_dir))}  (executed .ipynb and .html per step)\n"
+        f"  champion model:     models:/pbc_mortality@champion = version {champion.version} "
+        f"(run {champion.run_id}); load it with mlflow.pyfunc.load_model and predict on MEDS events\n"
+        f"  tracking store:     {tracking.tracking_uri()}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

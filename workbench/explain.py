@@ -11,7 +11,9 @@ Three things live here, one per section:
    estimated by shap's ``PermutationExplainer`` (antithetic permutations, exactly additive) or
    ``KernelExplainer`` (TimeSHAP's method). Costly; meant for a few samples.
 3. **Checks** (:func:`check_explanation`): additivity, agreement of the fast path with the
-   reference, and a deletion curve, as a flat ``dict[str, float]`` ready to log as metrics.
+   reference, and a deletion test, as a flat ``dict[str, float]`` ready to log as metrics;
+   :func:`check_verdicts` turns them into PASS / WARN rows against thresholds in
+   :class:`ExplainConfig`, and :func:`verdict_tags` into MLflow tags.
 
 Why our own expected-gradients loop rather than ``shap.GradientExplainer``: shap draws, for
 every evaluation, an i.i.d. background row and an i.i.d. interpolation point ``alpha`` and
@@ -44,8 +46,9 @@ therefore depends on the sequence's padding and is reported per sample.
 Output space: attributions sum to the model's output minus the base value in the space named
 by ``ExplainConfig.output_space``. The default is ``"probability"`` (the risk the model
 outputs), because that is the number an analyst reads on the timeline ("this visit raised
-the risk by 0.12") and the deletion curve measures; ``"logit"`` explains the log-odds (the
-sigmoid's pre-activation, read exactly from the model's final Dense layer when it has one).
+the risk by 0.12"); ``"logit"`` explains the log-odds (the sigmoid's pre-activation, read
+exactly from the model's final Dense layer when it has one). The deletion test measures the
+change in whichever space the attributions sum in.
 """
 
 from __future__ import annotations
@@ -132,10 +135,32 @@ class ExplainConfig(BaseModel):
         2048, ge=16, le=1_000_000, description="Coalitions per sequence for the kernel reference (shap adds 2 * players)."
     )
     deletion_k: list[int] = Field(
-        [1, 2, 3, 5], description="Numbers of steps removed on the deletion curve (top-k by attribution vs k random steps)."
+        [1, 2, 3, 5], description="Numbers of steps removed in the deletion test (top-k by |attribution| vs k random real steps)."
     )
-    deletion_samples: int = Field(200, ge=0, le=1_000_000, description="Sequences used for the deletion curve (0 skips it).")
-    deletion_random_draws: int = Field(4, ge=1, le=1000, description="Random step sets per sequence and k on the random deletion curve.")
+    deletion_samples: int = Field(200, ge=0, le=1_000_000, description="Sequences used for the deletion test (0 skips it).")
+    deletion_random_draws: int = Field(4, ge=1, le=1000, description="Random step sets per sequence and k in the deletion test.")
+    # Verdict thresholds (check_verdicts): one place for each default.
+    max_additivity_error: float = Field(
+        0.05, ge=0.0, description="PASS when the mean relative additivity error |sum(shap) - (output - base)| / |output - base| is at most this."
+    )
+    min_reference_pearson: float = Field(
+        0.9, ge=-1.0, le=1.0, description="PASS when the mean Pearson correlation of per-step totals with the exact reference is at least this."
+    )
+    min_reference_top3_overlap: float = Field(
+        0.8, ge=0.0, le=1.0, description="PASS when the mean share of the reference's top-3 steps (by |value|) that the fast path also ranks top-3 is at least this."
+    )
+    min_deletion_win_rate: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="PASS when removing the top-k steps by |attribution| moves the output more than removing k random real steps for at least this share of (sequence, k) pairs (about 0.5 or less for a ranking no better than chance).",
+    )
+    min_deletion_agreement: float = Field(
+        0.6,
+        ge=-1.0,
+        le=1.0,
+        description="PASS when the mean per-sequence Pearson correlation between the predicted change (sum of the removed steps' SHAP) and the actual change in output, over the removed step sets, is at least this.",
+    )
 
 
 @dataclasses.dataclass
@@ -856,45 +881,100 @@ def reference_agreement(fast_steps: np.ndarray, ref_steps: np.ndarray, padded: n
     }
 
 
-def _risk_after_removal(risk_fn, x: np.ndarray, padded: np.ndarray, X_background: np.ndarray, removed: np.ndarray, rows_per_pass: int) -> np.ndarray:
-    """Mean risk over the background when the steps flagged in removed [M, T] are replaced by the background's."""
+def _output_after_removal(fn, x: np.ndarray, padded: np.ndarray, X_background: np.ndarray, removed: np.ndarray, rows_per_pass: int) -> np.ndarray:
+    """Mean output over the background when the steps flagged in removed [M, T] are replaced by the background's."""
     baselines = sample_baselines(x[None], padded[None], X_background)[0]  # [K, T, F]
     rows = np.where(removed[:, None, :, None], baselines[None], x[None, None])
     K, T, F = baselines.shape
-    return evaluate(risk_fn, rows.reshape(-1, T, F), rows_per_pass).reshape(len(removed), K).mean(axis=1)
+    return evaluate(fn, rows.reshape(-1, T, F), rows_per_pass).reshape(len(removed), K).mean(axis=1)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation, NaN when either side is constant."""
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _centred(a: np.ndarray) -> np.ndarray:
+    """Rows minus their means."""
+    return a - a.mean(axis=1, keepdims=True)
 
 
 def deletion_curve(
-    model, X: np.ndarray, step_totals: np.ndarray, X_background: np.ndarray, config: ExplainConfig, observed: np.ndarray | None = None
+    model,
+    X: np.ndarray,
+    step_totals: np.ndarray,
+    X_background: np.ndarray,
+    config: ExplainConfig,
+    observed: np.ndarray | None = None,
+    output_space: OutputSpace | None = None,
 ) -> dict[str, np.ndarray]:
-    """Fall in risk (probability) when the top-k steps by attribution, or k random steps, are removed.
+    """Deletion test: how much the output moves when the steps an explanation ranks first are removed.
 
     Removing a step replaces it by the background's value at that step (the game the
-    attributions explain), averaged over the background. Top steps are the k largest signed
-    step totals, the ones that raised the risk most; random steps are drawn among real steps
-    (``deletion_random_draws`` sets per sequence). Returns ``k``, ``top`` and ``random``
-    [len(deletion_k)], each a mean over sequences of risk(x) - risk(x without the steps).
+    attributions explain), averaged over the background. For each k in ``deletion_k``, the
+    top-k steps by |step total| are removed, and ``deletion_random_draws`` sets of k random
+    real steps. The change is ``output(x) - output(x without the steps)`` in ``output_space``
+    (default ``config.output_space``: the space the step totals sum in), so the sum of the
+    removed steps' attributions predicts it.
+
+    Why |attribution| and |change|: a low-risk sequence's steps mostly *lowered* its risk, so
+    ranking by signed total (the steps that raised it most) picks near-zero steps, and a
+    signed fall mixes up "moved little" with "moved the other way"; the test would then
+    depend on the share of low-risk samples rather than on the explanation.
+
+    Returns, per k [len(deletion_k)]: ``k``; ``top`` and ``random``, the mean |change| for the
+    top-k and the random sets; ``win_rate``, the share of sequences where the top-k set moves
+    the output more than the random sets do on average; ``n``, the sequences counted (those
+    with more than k real steps: with k or fewer, both sets are all the steps). And per
+    sequence [N], ``agreement``: the Pearson correlation between predicted and actual change
+    over all its removed sets, each centred on its k's mean (so it measures which sets of
+    the same size matter more, and in which direction; NaN when either side is constant,
+    e.g. a single real step).
     """
     rng = np.random.default_rng(config.seed)
     X = np.asarray(X, dtype=np.float32)
     padded = padded_steps(X, observed)
-    risk_fn = output_function(model, "probability")
+    fn = output_function(model, output_space or config.output_space)
     ks = np.array(sorted(set(config.deletion_k)))
-    top, rand = np.zeros((len(X), len(ks))), np.zeros((len(X), len(ks)))
     D = config.deletion_random_draws
+    top, rand = np.full((len(X), len(ks)), np.nan), np.full((len(X), len(ks)), np.nan)
+    agreement = np.full(len(X), np.nan)
     with frozen_weights(model):
         for i in range(len(X)):
             real = np.flatnonzero(~padded[i])
-            order = real[np.argsort(-step_totals[i, real], kind="stable")]
+            if len(real) == 0:
+                continue
+            order = real[np.argsort(-np.abs(step_totals[i, real]), kind="stable")]
             removed = np.zeros((len(ks) * (1 + D) + 1, X.shape[1]), dtype=bool)  # last row: nothing removed
             for j, k in enumerate(ks):
-                removed[j, order[:k]] = True
+                removed[j * (1 + D), order[:k]] = True
                 for d in range(D):
-                    removed[len(ks) + j * D + d, rng.permutation(real)[:k]] = True
-            risk = _risk_after_removal(risk_fn, X[i], padded[i], X_background, removed, config.max_rows_per_pass)
-            top[i] = risk[-1] - risk[: len(ks)]
-            rand[i] = risk[-1] - risk[len(ks) : -1].reshape(len(ks), D).mean(axis=1)
-    return {"k": ks, "top": top.mean(axis=0), "random": rand.mean(axis=0)}
+                    removed[j * (1 + D) + 1 + d, rng.permutation(real)[:k]] = True
+            out = _output_after_removal(fn, X[i], padded[i], X_background, removed, config.max_rows_per_pass)
+            change = (out[-1] - out[:-1]).reshape(len(ks), 1 + D)
+            predicted = (removed[:-1] * step_totals[i]).sum(axis=1).reshape(len(ks), 1 + D)
+            # Centred within each k: larger sets move the output more whatever the explanation
+            # says, so the raw correlation would credit even a uniform attribution.
+            agreement[i] = _pearson(_centred(predicted).ravel(), _centred(change).ravel())
+            counted = ks < len(real)
+            top[i, counted] = np.abs(change[counted, 0])
+            rand[i, counted] = np.abs(change[counted, 1:]).mean(axis=1)
+    n = (~np.isnan(top)).sum(axis=0)
+    wins = np.where(np.isnan(top), np.nan, top > rand)
+
+    def mean_over_counted(a: np.ndarray) -> np.ndarray:
+        return np.where(n > 0, np.nansum(a, axis=0) / np.maximum(n, 1), np.nan)
+
+    return {
+        "k": ks,
+        "top": mean_over_counted(top),
+        "random": mean_over_counted(rand),
+        "win_rate": mean_over_counted(wins),
+        "n": n,
+        "agreement": agreement,
+    }
 
 
 def check_explanation(
@@ -909,7 +989,13 @@ def check_explanation(
 
     ``X`` is the full array the explanation's ``index`` points into. Additivity is measured
     on every explained sequence; the exact reference on the first ``reference_samples`` of a
-    seeded shuffle; the deletion curve on ``deletion_samples`` of another.
+    seeded shuffle; the deletion test (:func:`deletion_curve`) on ``deletion_samples`` of
+    another: ``deletion_change_top_k{k}`` / ``deletion_change_random_k{k}`` are the mean
+    |change in output| when the top-k steps by |attribution| / k random steps are removed,
+    ``deletion_change_top`` / ``deletion_change_random`` their means over k,
+    ``deletion_win_rate`` the share of (sequence, k) pairs where the top-k set moves the
+    output more, and ``deletion_agreement`` the mean per-sequence correlation of predicted
+    (sum of removed SHAP) and actual change. :func:`check_verdicts` judges them.
     """
     config = config or ExplainConfig()
     X = np.asarray(X, dtype=np.float32)
@@ -929,13 +1015,100 @@ def check_explanation(
         pick = rng.permutation(len(expl))[: config.deletion_samples]
         rows = expl.index[pick]
         obs = None if observed is None else np.asarray(observed)[rows]
-        curve = deletion_curve(model, X[rows], expl.step_totals[pick], X_background, config, obs)
+        curve = deletion_curve(model, X[rows], expl.step_totals[pick], X_background, config, obs, expl.output_space)
         for k, t, r in zip(curve["k"], curve["top"], curve["random"]):
-            metrics[f"deletion_top_k{k}"], metrics[f"deletion_random_k{k}"] = float(t), float(r)
-        metrics["deletion_auc_top"] = float(curve["top"].mean())
-        metrics["deletion_auc_random"] = float(curve["random"].mean())
-        metrics["faithfulness"] = metrics["deletion_auc_top"] - metrics["deletion_auc_random"]
+            metrics[f"deletion_change_top_k{k}"], metrics[f"deletion_change_random_k{k}"] = float(t), float(r)
+        n, counted = curve["n"], curve["n"] > 0
+        metrics["deletion_change_top"] = float(curve["top"][counted].mean()) if counted.any() else float("nan")
+        metrics["deletion_change_random"] = float(curve["random"][counted].mean()) if counted.any() else float("nan")
+        metrics["deletion_win_rate"] = float((curve["win_rate"][counted] * n[counted]).sum() / n.sum()) if counted.any() else float("nan")
+        agreement = curve["agreement"][~np.isnan(curve["agreement"])]
+        metrics["deletion_agreement"] = float(agreement.mean()) if len(agreement) else float("nan")
+        metrics["deletion_samples"] = float(len(rows))
     return metrics
+
+
+# --------------------------------------------------------------------------------------
+# Verdicts: each check against its threshold
+# --------------------------------------------------------------------------------------
+
+VERDICT_TAG = "workbench.explain.verdict"
+CHECK_TAG_PREFIX = "workbench.explain.check."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+    key: str  # tag suffix
+    name: str
+    metric: str  # key in check_explanation's dict
+    threshold_field: str  # ExplainConfig field
+    higher_is_better: bool
+    meaning: str
+
+
+_CHECKS = (
+    _Check(
+        "additivity", "additivity (mean relative error)", "additivity_mean_rel_error", "max_additivity_error", False,
+        "SHAP values sum to output - base value; a large error means too few gradient draws (raise alphas_per_background).",
+    ),
+    _Check(
+        "reference_pearson", "reference agreement (mean Pearson per sequence)", "reference_pearson_mean", "min_reference_pearson", True,
+        "Per-step totals follow the exact per-step Shapley reference on a sample of sequences.",
+    ),
+    _Check(
+        "reference_top3", "reference agreement (top-3 step overlap)", "reference_top3_overlap_mean", "min_reference_top3_overlap", True,
+        "The 3 steps the explanation ranks first are the exact reference's 3 most important steps.",
+    ),
+    _Check(
+        "deletion_ranking", "deletion: top-k vs random steps (win rate)", "deletion_win_rate", "min_deletion_win_rate", True,
+        "Removing the steps ranked first by |SHAP| moves the output more than removing as many random steps (0.5 or less: no better than chance).",
+    ),
+    _Check(
+        "deletion_agreement", "deletion: predicted vs actual change (mean Pearson)", "deletion_agreement", "min_deletion_agreement", True,
+        "The removed steps' SHAP sum predicts, with its sign, how much the output changes when they are removed.",
+    ),
+)
+
+
+def check_verdicts(checks: dict[str, float], config: ExplainConfig | None = None) -> pl.DataFrame:
+    """One row per check found in ``checks`` (from :func:`check_explanation`): PASS or WARN against its threshold.
+
+    Columns: ``key`` (tag suffix), ``check`` (human name), ``value``, ``threshold`` (as text,
+    e.g. ``"<= 0.05"``), ``verdict`` and ``meaning``. Checks that were not run (no reference,
+    no deletion samples) have no row; a value that could not be measured (NaN) is a WARN.
+    Thresholds are ExplainConfig fields (``max_additivity_error``, ``min_reference_pearson``,
+    ``min_reference_top3_overlap``, ``min_deletion_win_rate``, ``min_deletion_agreement``).
+    """
+    config = config or ExplainConfig()
+    rows = []
+    for c in _CHECKS:
+        if c.metric not in checks:
+            continue
+        value, limit = float(checks[c.metric]), float(getattr(config, c.threshold_field))
+        ok = (value >= limit) if c.higher_is_better else (value <= limit)  # False for NaN
+        rows.append(
+            {
+                "key": c.key,
+                "check": c.name,
+                "value": value,
+                "threshold": f"{'>=' if c.higher_is_better else '<='} {limit:g}",
+                "verdict": "PASS" if ok else "WARN",
+                "meaning": c.meaning,
+            }
+        )
+    schema = {"key": pl.String, "check": pl.String, "value": pl.Float64, "threshold": pl.String, "verdict": pl.String, "meaning": pl.String}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def verdict_tags(verdicts: pl.DataFrame) -> dict[str, str]:
+    """MLflow tags from :func:`check_verdicts`: ``workbench.explain.check.<key>`` per check and the overall verdict.
+
+    ``workbench.explain.verdict`` is PASS when every check passed, else WARN (also WARN when
+    there is no check at all: nothing was verified).
+    """
+    tags = {f"{CHECK_TAG_PREFIX}{key}": verdict for key, verdict in zip(verdicts["key"], verdicts["verdict"])}
+    passed = verdicts.height > 0 and all(v == "PASS" for v in verdicts["verdict"])
+    return tags | {VERDICT_TAG: "PASS" if passed else "WARN"}
 
 
 # --------------------------------------------------------------------------------------

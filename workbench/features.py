@@ -57,9 +57,10 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workbench.data.meds_io import SPLITS_FILE, MedsDataset, open_dataset
+from workbench.data.meds_io import SPLITS_FILE, EventFrame, MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
+from workbench.files import replace_directory
 
 Agg = Literal["last", "mean", "min", "max"]
 US_PER_DAY = 86_400_000_000
@@ -362,7 +363,7 @@ class SequenceTensors:
             manifest = {"content_hash": self.content_hash(), "shape": list(self.X.shape),
                         "feature_names": self.feature_names, "splits": split_counts(self.split)}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-            _replace_dir(tmp, directory)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -404,22 +405,11 @@ def split_counts(split: np.ndarray) -> dict[str, int]:
     return {str(n): int(c) for n, c in zip(names, counts)}
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``, replacing an existing directory only at the last moment."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------- inputs
 
 
-def _as_dataset(dataset: MedsDataset | str | os.PathLike) -> MedsDataset:
-    return dataset if isinstance(dataset, MedsDataset) else open_dataset(dataset)
+def _as_dataset(dataset: MedsDataset | EventFrame | str | os.PathLike) -> MedsDataset | EventFrame:
+    return dataset if isinstance(dataset, (MedsDataset, EventFrame)) else open_dataset(dataset)
 
 
 def load_labels(labels: pl.DataFrame | str | os.PathLike) -> pl.DataFrame:

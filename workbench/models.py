@@ -271,6 +271,33 @@ def mayo_pbc_score(raw_last: dict[str, np.ndarray]) -> np.ndarray:
     )
 
 
+# Published Mayo model survival function (Dickson et al., Hepatology 1989):
+# S(t) = S0(t) ** exp(R - 5.07). Turns the score into a risk within t years so Brier score and
+# calibration are defined; AUROC/AUPRC depend only on R's ranking.
+MAYO_R_MEAN = 5.07
+MAYO_S0 = {1: 0.970, 2: 0.941, 3: 0.883, 4: 0.833, 5: 0.774, 6: 0.721, 7: 0.651}
+MAYO_FORMULA = "1 - S0(t)**exp(R - 5.07), R = 0.871 ln(bili) - 2.53 ln(alb) + 0.039 age + 2.38 ln(pt) + 0.859 edema"
+
+
+def mayo_not_applicable(feature_names, horizon_days: float | None) -> str | None:
+    """Why the Mayo score cannot be used on these features and horizon, or None when it can."""
+    absent = [feat for feat in MAYO_FEATURES.values() if feat not in list(feature_names)]
+    if absent:
+        return f"the Mayo PBC score needs the features {absent}, which this cohort does not have"
+    years = None if horizon_days is None else horizon_days / 365.25
+    if years is None or round(years) not in MAYO_S0 or abs(years - round(years)) > 0.05:
+        return f"the Mayo PBC score's survival function is published for 1-7 years, not a {horizon_days}-day horizon"
+    return None
+
+
+def mayo_risk(spec, X: np.ndarray, horizon_years: int = 2) -> np.ndarray:
+    """The Mayo PBC model's risk of death within ``horizon_years``, from the last step of
+    normalized tensors X [N, T, F] made with FeatureSpec ``spec`` (raw values are recovered)."""
+    raw_last = spec.denormalize(np.asarray(X)[:, -1, :])
+    r = mayo_pbc_score(mayo_inputs_from_features(raw_last, spec.feature_names))
+    return 1.0 - MAYO_S0[horizon_years] ** np.exp(r - MAYO_R_MEAN)
+
+
 def mayo_inputs_from_features(raw_X_last: np.ndarray, feature_names) -> dict[str, np.ndarray]:
     """Pick the Mayo score's inputs from raw last-step features [N, F] by feature name."""
     names = list(feature_names)

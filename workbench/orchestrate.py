@@ -32,6 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from workbench import pipelines, tracking
 from workbench.errors import WorkbenchError
+from workbench.files import write_text_atomic
 from workbench.pipelines import (
     Execution,
     ExecutionResult,
@@ -155,9 +156,9 @@ def pipeline_flow(path: str, overrides: Optional[dict[str, Any]] = None, force: 
                 status = "FINISHED"
         finally:
             pipelines._client().set_terminated(parent["run_id"], status)
-            result = PipelineResult(pipeline.name, parent["pipeline_run_id"], parent["run_id"], run_dir, results)
+            result = PipelineResult(pipeline.name, parent["pipeline_run_id"], parent["run_id"], run_dir, results, pipeline.experiment)
             manifest = {**pipelines._manifest(result, pipeline), "engine": "prefect"}
-            pipelines._write_atomic(run_dir / "run.json", json.dumps(manifest, indent=2, default=str))
+            write_text_atomic(run_dir / "run.json", json.dumps(manifest, indent=2, default=str))
     return result.raise_for_failure()
 
 

@@ -50,8 +50,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from workbench import tracking
 from workbench.errors import WorkbenchError
+from workbench.files import code_fingerprint, directory_digest, path_fingerprint, write_text_atomic
 
 KERNEL_NAME = "workbench"
+#: What JupyterLab shows for the kernel; the notebooks' metadata says the same, so opening one changes nothing.
+KERNEL_DISPLAY_NAME = "Python (workbench)"
 #: Parameters the engine injects into a notebook that declares them in its parameters cell.
 INJECTED = ("output_dir", "upstream", "mlflow_run_id", "mlflow_parent_run_id")
 #: Bump when the cache key's ingredients change, so old records stop matching.
@@ -102,7 +105,9 @@ class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name (runs/<name>/)")
-    experiment: Optional[str] = Field(None, description="MLflow experiment (default: the name)")
+    experiment: Optional[str] = Field(
+        None, description='MLflow experiment (default: the name); "${task}" names it after the task param (a task YAML\'s name, a labels file\'s name)'
+    )
     engine: Literal["local", "prefect"] = Field("local", description="Where steps run (prefect: workbench.orchestrate)")
     params: dict[str, Any] = Field(default_factory=dict, description="Pipeline parameters (-p overrides)")
     steps: dict[str, StepSpec] = Field(min_length=1, description="Steps by name")
@@ -187,6 +192,7 @@ class PipelineResult:
     parent_run_id: str
     run_dir: Path
     executions: list[ExecutionResult]
+    experiment: str = ""  # the MLflow experiment of every run
 
     @property
     def ok(self) -> bool:
@@ -448,6 +454,14 @@ def _split_overrides(
     return pipeline_level, step_level
 
 
+def _absolute_if_path(value: Any) -> Any:
+    """A -p value naming an existing file or folder, relative to where the command runs, made
+    absolute: the notebooks run with the project home as their working directory."""
+    if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
 def _label(step: str, matrix: dict[str, Any]) -> str:
     """``train-model=gru``: a folder- and run-name-safe name for one matrix combination."""
     parts = [step] + [f"{k}={v}" for k, v in matrix.items()]
@@ -483,21 +497,25 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     declared = {name: notebook_parameters(nb) for name, nb in notebooks.items()}
     for name in order:
         _check_step_keys(name, spec.steps[name], declared[name], notebooks[name], source)
-    pipeline_overrides, step_overrides = _split_overrides(spec, dict(overrides or {}), declared, source)
+    overrides = {k: _absolute_if_path(v) for k, v in (overrides or {}).items()}
+    pipeline_overrides, step_overrides = _split_overrides(spec, overrides, declared, source)
     params = {**spec.params, **pipeline_overrides}
     steps = {}
     for name in order:
         wanted = {k: v for k, v in step_overrides.items() if k in declared[name]}
         executions = _plan_step(name, spec.steps[name], params, wanted, notebooks[name], declared[name], source)
         steps[name] = Step(name, notebooks[name], tuple(spec.steps[name].needs), _ancestors(spec, name, order), executions)
+    from workbench.tasks import task_name
+
+    experiment = _substitute(spec.experiment, params, source.at("experiment")) if spec.experiment else spec.name
     return Pipeline(
         name=spec.name,
-        experiment=spec.experiment or spec.name,
+        experiment=task_name(experiment),
         engine=spec.engine,
         path=source.path,
         yaml_sha256=hashlib.sha256(source.raw).hexdigest(),
         params=params,
-        overrides=dict(overrides or {}),
+        overrides=overrides,
         steps=steps,
     )
 
@@ -515,7 +533,7 @@ def ensure_kernelspec() -> str:
             return KERNEL_NAME
     except (OSError, ValueError, KeyError, IndexError):
         pass  # missing or from another interpreter: (re)install below
-    install(kernel_name=KERNEL_NAME, display_name="Python (workbench)", prefix=sys.prefix)
+    install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY_NAME, prefix=sys.prefix)
     return KERNEL_NAME
 
 
@@ -532,51 +550,6 @@ def new_run_dir(pipeline: Pipeline) -> Path:
     return run_dir
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename: readers (and a crash) see the old file or the whole new one.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def directory_digest(path: Path) -> str:
-    """sha256 over every file (relative path and bytes) under ``path``: what downstream steps read."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def path_fingerprint(value: Any) -> Optional[str]:
-    """For a parameter naming an existing file or directory (a dataset, a labels file): a digest
-    of its files' names, sizes and modification times, so new data behind the same path is a cache
-    miss without reading gigabytes. None for any other value."""
-    if not isinstance(value, str) or not value or len(value) > 4096:
-        return None
-    path = Path(value) if Path(value).is_absolute() else tracking.project_home() / value
-    if not path.exists():
-        return None
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
-    return digest.hexdigest()
-
-
-def code_fingerprint() -> str:
-    """Digest of the workbench package's source: a library change invalidates cached steps too."""
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for file in sorted(package.rglob("*.py")):
-        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
-
-
 def cache_key(execution: Execution, upstream: dict[str, list[ExecutionResult]]) -> str:
     """sha256 of the notebook bytes, resolved params (and the files they name), the workbench
     source, and the keys and contents of upstream outputs."""
@@ -586,7 +559,7 @@ def cache_key(execution: Execution, upstream: dict[str, list[ExecutionResult]]) 
         "notebook": hashlib.sha256(execution.notebook.read_bytes()).hexdigest(),
         "code": code_fingerprint(),
         "params": execution.params,
-        "inputs": {k: path_fingerprint(v) for k, v in sorted(execution.params.items()) if path_fingerprint(v)},
+        "inputs": {k: fp for k, v in sorted(execution.params.items()) if (fp := path_fingerprint(v, tracking.project_home()))},
         "upstream": {
             name: sorted([r.cache_key, directory_digest(r.output_dir)] for r in results)
             for name, results in sorted(upstream.items())
@@ -621,7 +594,7 @@ def _record_success(pipeline: str, result: ExecutionResult) -> None:
         "notebook": str(result.notebook),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    _write_atomic(path, json.dumps(record, indent=2))
+    write_text_atomic(path, json.dumps(record, indent=2))
 
 
 @contextmanager
@@ -647,7 +620,7 @@ def render_html(notebook: Path) -> Path:
 
     body, _ = HTMLExporter(embed_images=True).from_notebook_node(nbformat.read(str(notebook), as_version=4))
     html = notebook.with_suffix(".html")
-    _write_atomic(html, body)
+    write_text_atomic(html, body)
     return html
 
 
@@ -925,8 +898,8 @@ def run_pipeline(
             status = "FINISHED"
     finally:
         _client().set_terminated(parent_run_id, status)
-        result = PipelineResult(pipeline.name, pipeline_run_id, parent_run_id, run_dir, results)
-        _write_atomic(run_dir / "run.json", json.dumps(_manifest(result, pipeline), indent=2, default=str))
+        result = PipelineResult(pipeline.name, pipeline_run_id, parent_run_id, run_dir, results, pipeline.experiment)
+        write_text_atomic(run_dir / "run.json", json.dumps(_manifest(result, pipeline), indent=2, default=str))
     return result
 
 

@@ -1,16 +1,23 @@
 """Evaluation and training plots: ROC, precision-recall, calibration, training curves.
 
-Every function builds a ``matplotlib.figure.Figure`` directly instead of going through
-``pyplot``: no global figure registry (nothing leaks in long pipelines, no ``plt.close``
-needed), no GUI backend (safe headless and under Agg), and in Jupyter the returned figure
-is displayed once rather than twice. Nothing here calls ``plt.show``.
+Every function builds a :class:`Figure` directly instead of going through ``pyplot``: no global
+figure registry (nothing leaks in long pipelines, no ``plt.close`` needed), no GUI backend (safe
+headless and under Agg), and in Jupyter the returned figure is displayed once rather than twice.
+Nothing here calls ``plt.show``. A bare matplotlib figure made without pyplot shows in Jupyter
+only as its repr (``<Figure size ...>``: IPython's inline PNG formatter is set up by pyplot);
+:class:`Figure` renders itself as PNG, so ``display(fig)`` shows the plot in JupyterLab, in
+Papermill's executed notebooks and in their HTML, whatever the kernel's matplotlib state.
 
 Curves are passed as ``{"model name": (y_true, y_prob)}``; a model keeps the same colour
-in every plot because colours follow the dict's order.
+in every plot because colours follow the dict's order, and legends sit outside the axes so
+several models overlaid stay visible. Model comparisons from ``tracking.runs_table`` are forest
+plots (:func:`auroc_forest_plot`, :func:`metric_comparison_plot`) with zoomed axes. Feature
+channels are shown by :func:`feature_label` ("bilirubin (last)"), never by raw channel name.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -19,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure as MatplotlibFigure
+from matplotlib.ticker import MaxNLocator
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     average_precision_score,
@@ -45,6 +53,21 @@ _NOT_METRICS = {"epoch", "lr", "learning_rate", "time", "seconds"}
 Curves = Mapping[str, tuple[Sequence, Sequence]]
 
 
+class Figure(MatplotlibFigure):
+    """A matplotlib figure that IPython displays as a PNG image (see the module docstring)."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+        return buffer.getvalue()
+
+    def __repr__(self) -> str:
+        """The plain-text stand-in beside the image: what the plot is, not matplotlib's size line."""
+        title = self._suptitle.get_text() if self._suptitle is not None else ""
+        title = title or next((ax.get_title() for ax in self.axes if ax.get_title()), "")
+        return f"[plot: {title or 'untitled'}]"
+
+
 def _checked_curves(curves: Curves) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Validated (labels, probabilities) per model; raises on an empty mapping."""
     if not curves:
@@ -62,22 +85,121 @@ def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
         ax.legend(loc="best", fontsize="small", framealpha=0.9)
 
 
+def _legend_below(ax: Axes) -> None:
+    """The legend under the axes (outside them), so it never covers a curve however many models."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    ncol = 1 if len(labels) <= 3 or max(len(t) for t in labels) > 34 else 2
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=ncol,
+              fontsize="small", frameon=False)
+
+
+def _legend_height(n_entries: int) -> float:
+    """Extra figure height (inches) for a below-axes legend of ``n_entries`` lines."""
+    rows = n_entries if n_entries <= 3 else math.ceil(n_entries / 2)
+    return 0.22 * rows + 0.2
+
+
 def _both_classes(name: str, y: np.ndarray) -> None:
     if y.all() or not y.any():
         raise WorkbenchError(f"{name}: ROC and PR curves need both outcomes in y_true")
 
 
+# ------------------------------------------------------------------------------ feature labels
+
+# Channel naming of workbench.features (``_feature_names``); kept here as literals so the plots
+# do not import the tensorization stack. tests/test_plots.py checks they stay in step.
+_AGE_CHANNEL = "static/age_years"
+_OBSERVED_CHANNEL = "step/observed"
+_AGG_LABELS = {
+    "last": "last",
+    "mean": "mean",
+    "min": "min",
+    "max": "max",
+    "count": "count",
+    "missing": "missing",
+    "time_since": "days since last",
+}
+
+
+def _words(text: str) -> str:
+    return text.replace("_", " ").strip()
+
+
+def _code_label(code: str, static: bool = False) -> str | None:
+    """``LAB//bilirubin`` -> bilirubin, ``TRIAL//arm//placebo`` -> arm: placebo; None if malformed.
+
+    A static ``SEX//F`` reads "sex: F": for a static code the prefix is the attribute and the
+    rest its value, whereas for an event code the prefix is only the family (LAB, DX, MED).
+    """
+    parts = code.split("//")
+    if any(not part.strip() for part in parts):
+        return None
+    if len(parts) == 1:
+        return code
+    if len(parts) == 2:
+        return f"{_words(parts[0]).lower()}: {parts[1]}" if static else _words(parts[1])
+    return f"{_words(parts[1])}: {' '.join(_words(p) for p in parts[2:])}"
+
+
+def feature_label(name: str) -> str:
+    """A human label for a feature channel name of ``workbench.features`` (the raw name if unknown).
+
+    ``LAB//bilirubin/last`` -> "bilirubin (last)", ``TRIAL//arm//placebo/count`` ->
+    "arm: placebo (count)", ``LAB//protime/time_since`` -> "protime (days since last)",
+    ``static/age_years`` -> "age (years)", ``static/SEX//F`` -> "sex: F",
+    ``step/observed`` -> "any event in step".
+    """
+    if not isinstance(name, str):
+        return str(name)
+    if name == _OBSERVED_CHANNEL:
+        return "any event in step"
+    if name == _AGE_CHANNEL:
+        return "age (years)"
+    if name.startswith("static/"):
+        label = _code_label(name[len("static/"):], static=True)
+        return label or name
+    code, sep, agg = name.rpartition("/")
+    if not sep or agg not in _AGG_LABELS or not code or code.endswith("/"):
+        return name
+    label = _code_label(code)
+    return f"{label} ({_AGG_LABELS[agg]})" if label else name
+
+
+def feature_labels(names: Sequence[str]) -> list[str]:
+    """:func:`feature_label` of each name, kept unique: where two channels would read the same
+    (``LAB//bilirubin`` and ``EXAM//bilirubin``), those get their code family appended."""
+    labels = [feature_label(n) for n in names]
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    out = []
+    for name, label in zip(names, labels):
+        if counts[label] > 1 and label != name:
+            family = str(name).removeprefix("static/").split("//")[0]
+            label = f"{label} [{family}]"
+        out.append(label)
+    # Still ambiguous (same family twice, e.g. two identical names): fall back to the raw names.
+    return [n if out.count(lab) > 1 else lab for n, lab in zip(names, out)]
+
+
+# ---------------------------------------------------------------------------------- curve plots
+
+
 def roc_curve_plot(curves: Curves, title: str = "ROC curve") -> Figure:
     """ROC curves of several models on one axes, AUROC in the legend, chance diagonal."""
-    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    checked = _checked_curves(curves)
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] + _legend_height(len(checked) + 1)), layout="constrained")
     ax = fig.add_subplot()
-    for color, (name, (y, p)) in zip(_COLORS * 10, _checked_curves(curves).items()):
+    for color, (name, (y, p)) in zip(_COLORS * 10, checked.items()):
         _both_classes(name, y)
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, color=color, lw=2, label=f"{name} (AUROC {roc_auc_score(y, p):.3f})")
+        ax.plot(fpr, tpr, color=color, lw=1.8, alpha=0.9, label=f"{name} (AUROC {roc_auc_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="Chance")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
     _style(ax, title, "False positive rate (1 - specificity)", "True positive rate (sensitivity)")
+    _legend_below(ax)
     return fig
 
 
@@ -87,17 +209,18 @@ def pr_curve_plot(curves: Curves, title: str = "Precision-recall curve") -> Figu
     The baseline (precision of a random ranking = outcome rate) is what AUPRC must beat;
     models evaluated on different data each get their own dotted baseline.
     """
-    fig = Figure(figsize=FIGSIZE, layout="constrained")
-    ax = fig.add_subplot()
     checked = _checked_curves(curves)
     prevalences = {name: float(y.mean()) for name, (y, _) in checked.items()}
     shared = len(set(prevalences.values())) == 1
+    n_entries = len(checked) + (1 if shared else len(checked))
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] + _legend_height(n_entries)), layout="constrained")
+    ax = fig.add_subplot()
     for color, (name, (y, p)) in zip(_COLORS * 10, checked.items()):
         _both_classes(name, y)
         precision, recall, _ = precision_recall_curve(y, p)
         label = f"{name} (AUPRC {average_precision_score(y, p):.3f})"
         # Step plot: average precision is the area under this step function.
-        ax.step(recall, precision, where="post", color=color, lw=2, label=label)
+        ax.step(recall, precision, where="post", color=color, lw=1.8, alpha=0.9, label=label)
         if not shared:
             ax.axhline(prevalences[name], ls=":", color=color, lw=1, label=f"{name} prevalence")
     if shared:
@@ -105,6 +228,7 @@ def pr_curve_plot(curves: Curves, title: str = "Precision-recall curve") -> Figu
         ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"Prevalence ({prevalence:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1.01))
     _style(ax, title, "Recall (sensitivity)", "Precision (PPV)")
+    _legend_below(ax)
     return fig
 
 
@@ -119,17 +243,18 @@ def calibration_plot(
     Points come from ``sklearn.calibration.calibration_curve``; the legend gives each model's
     expected calibration error with the same bins as :func:`workbench.evaluation.evaluate`.
     """
-    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), layout="constrained")
+    checked = _checked_curves(curves)
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25 + _legend_height(len(checked) + 1)), layout="constrained")
     grid = fig.add_gridspec(2, 1, height_ratios=(3, 1))
     ax = fig.add_subplot(grid[0])
     hist_ax = fig.add_subplot(grid[1], sharex=ax)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="Perfectly calibrated")
     hist_bins = np.linspace(0.0, 1.0, 41)
-    for color, (name, (y, p)) in zip(_COLORS * 10, _checked_curves(curves).items()):
+    for color, (name, (y, p)) in zip(_COLORS * 10, checked.items()):
         observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy=strategy)
         edges = calibration_bin_edges(p, n_bins, strategy)
         ece = expected_calibration_error(calibration_table(y, p, edges))
-        ax.plot(predicted, observed, marker="o", color=color, lw=2, label=f"{name} (ECE {ece:.3f})")
+        ax.plot(predicted, observed, marker="o", ms=4, color=color, lw=1.6, alpha=0.9, label=f"{name} (ECE {ece:.3f})")
         hist_ax.hist(p, bins=hist_bins, histtype="step", color=color, lw=1.5, label=name)
     ax.set(xlim=(0, 1), ylim=(0, 1.01))
     _style(ax, title, "", "Observed outcome rate")
@@ -137,7 +262,12 @@ def calibration_plot(
     hist_ax.set_yscale("log")  # risk scores are skewed; a log count keeps the tail visible
     _style(hist_ax, "", "Mean predicted risk", "Samples")
     if hist_ax.get_legend() is not None:
-        hist_ax.get_legend().remove()  # colours already named above
+        hist_ax.get_legend().remove()  # colours are named in the one legend
+    # One figure legend under both axes, so no reliability point is hidden behind it.
+    handles, labels = ax.get_legend_handles_labels()
+    ax.get_legend().remove()
+    ncol = 1 if len(labels) <= 3 or max(len(t) for t in labels) > 34 else 2
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize="small", frameon=False)
     return fig
 
 
@@ -274,33 +404,220 @@ def patient_timelines_plot(events, subject_ids: Sequence[int], max_codes: int = 
     return fig
 
 
-def metric_comparison_plot(table, metrics: Sequence[str] = ("auroc", "auprc", "brier"),
-                           title: str = "Held-out metrics with 95% CIs") -> Figure:
-    """Models side by side, one panel per metric, point estimates with CI error bars.
+# ------------------------------------------------------------------------------- forest plots
 
-    ``table`` is a polars frame with a ``model`` column and ``<metric>``, ``<metric>_ci_low``,
-    ``<metric>_ci_high`` columns (what ``tracking.runs_table`` returns).
+_METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier score", "ece": "ECE"}
+_LOWER_IS_BETTER = {"brier", "ece", "loss", "log_loss"}
+_UNIT_INTERVAL = {"auroc", "auprc", "brier", "ece"}  # metrics that live in [0, 1]
+_DEFAULT_METRICS = ("auroc", "auprc", "brier", "ece")
+
+
+def _metric_title(metric: str) -> str:
+    name = _METRIC_NAMES.get(metric, metric.upper())
+    better = "lower" if metric in _LOWER_IS_BETTER else "higher"
+    return f"{name} ({better} is better)"
+
+
+def _finite(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _model_labels(table) -> list[str]:
+    """Model names, made unique (run id prefix, else #n) where a model was run more than once."""
+    names = [str(m) if m is not None else "?" for m in table["model"].to_list()]
+    run_ids = table["run_id"].to_list() if "run_id" in table.columns else [None] * len(names)
+    out = []
+    for i, (name, run) in enumerate(zip(names, run_ids)):
+        if names.count(name) > 1:
+            name = f"{name} · {str(run)[:8]}" if run else f"{name} #{names[: i + 1].count(name)}"
+        out.append(name)
+    return out
+
+
+def _forest_rows(table, metric: str) -> list[tuple[int, float, float | None, float | None]]:
+    """(table row, estimate, CI low, CI high) of every row whose estimate is a number."""
+    missing = [c for c in (metric, f"{metric}_ci_low", f"{metric}_ci_high") if c not in table.columns]
+    if missing:
+        raise WorkbenchError(f"forest plot of {metric!r}: the table has no column(s) {missing}")
+    rows = []
+    for i, (v, lo, hi) in enumerate(zip(table[metric].to_list(), table[f"{metric}_ci_low"].to_list(),
+                                        table[f"{metric}_ci_high"].to_list())):
+        v = _finite(v)
+        if v is not None:
+            rows.append((i, v, _finite(lo), _finite(hi)))
+    return rows
+
+
+def _best_first(rows, metric: str):
+    """Rows sorted by estimate, best first (highest, or lowest for brier/ece/loss)."""
+    sign = 1.0 if metric in _LOWER_IS_BETTER else -1.0
+    return sorted(rows, key=lambda r: sign * r[1])
+
+
+def _zoomed_limits(values: Sequence[float], metric: str) -> tuple[float, float]:
+    """x limits around the estimates and CIs with a margin: never forced to start at 0."""
+    lo, hi = min(values), max(values)
+    span = hi - lo
+    if span <= 0:
+        span = max(abs(hi) * 0.05, 0.01)
+    lo, hi = lo - 0.12 * span, hi + 0.12 * span
+    if metric in _UNIT_INTERVAL:
+        lo, hi = max(lo, 0.0) if min(values) >= 0 else lo, min(hi, 1.0) if max(values) <= 1 else hi
+    return lo, hi
+
+
+def _forest_panel(ax: Axes, placed, labels: list[str], metric: str, reference: float | None,
+                  show_labels: bool, n_rows: int) -> None:
+    """Draw one forest panel. ``placed`` is [(y position, estimate, low, high)]; row 0 is the top."""
+    values = [v for _, v, lo, hi in placed for v in (v, lo, hi) if v is not None]
+    if reference is not None:
+        values.append(float(reference))
+    best = placed[0] if placed else None
+    if best is not None and best[2] is not None and best[3] is not None:
+        ax.axvspan(best[2], best[3], color="C0", alpha=0.08, lw=0)  # overlap with the best CI = no clear winner
+    if reference is not None:
+        ax.axvline(reference, color="grey", ls="--", lw=1)
+    text_at = ax.get_yaxis_transform()  # x in axes fraction, y in data
+    for y, v, lo, hi in placed:
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], color="C0", lw=2, solid_capstyle="butt")
+            ax.plot([lo, hi], [y, y], ls="none", marker="|", ms=8, color="C0")
+            note = f"{v:.3f} ({lo:.3f}–{hi:.3f})"
+        else:
+            note = f"{v:.3f} (no CI)"
+        ax.plot([v], [y], ls="none", marker="s", ms=6, color="C3" if (y, v) == best[:2] else "black", zorder=3)
+        ax.text(1.03, y, note, transform=text_at, ha="left", va="center", fontsize=9, clip_on=False)
+    ax.text(1.03, 1.0, "estimate (95% CI)", transform=ax.transAxes, ha="left", va="bottom", fontsize=8,
+            color="dimgrey", clip_on=False)
+    ax.set_ylim(n_rows - 0.5, -0.5)  # best at the top
+    ax.set_yticks(range(n_rows), labels if show_labels else [""] * n_rows)
+    if values:
+        ax.set_xlim(*_zoomed_limits(values, metric))
+    ax.set_title(_metric_title(metric), fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.tick_params(axis="y", length=0)
+
+
+def auroc_forest_plot(table, metric: str = "auroc", title: str | None = None,
+                      reference: float | None = None) -> Figure:
+    """Forest plot of one held-out metric: a row per model, estimate and 95% CI, best at the top.
+
+    ``table`` is a polars frame with ``model``, ``<metric>``, ``<metric>_ci_low`` and
+    ``<metric>_ci_high`` columns (``tracking.runs_table``); rows whose estimate is null are left
+    out. The x axis is zoomed to the intervals (it does not start at 0), so 0.91 and 0.93 read
+    apart; each row's value and CI are written at its right. The shaded band is the best model's
+    CI: a model whose interval reaches into it is not clearly worse on this held-out set.
+    ``reference`` draws a dashed vertical line (e.g. a published model's AUROC).
     """
-    if table.height == 0:
-        raise WorkbenchError("metric_comparison_plot needs at least one model row")
-    fig = Figure(figsize=(4.0 * len(metrics), 4.2))
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    names = table["model"].to_list()
-    for ax, metric in zip(axes, metrics):
-        value = table[metric].to_numpy().astype(float)
-        low = value - table[f"{metric}_ci_low"].to_numpy().astype(float)
-        high = table[f"{metric}_ci_high"].to_numpy().astype(float) - value
-        ax.bar(range(len(names)), value, yerr=np.vstack([low, high]), capsize=4,
-               color=[_COLORS[i % len(_COLORS)] for i in range(len(names))], alpha=0.85)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        _style(ax, metric.upper(), "", metric)
-    fig.suptitle(title)
-    fig.tight_layout()
+    rows = _best_first(_forest_rows(table, metric), metric)
+    if not rows:
+        raise WorkbenchError(f"forest plot: no model has a {metric!r} value")
+    names = _model_labels(table)
+    labels = [names[i] for i, *_ in rows]
+    width = 3.8 + 0.075 * max(len(t) for t in labels)
+    fig = Figure(figsize=(width + 2.0, 0.42 * len(rows) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    placed = [(y, v, lo, hi) for y, (_, v, lo, hi) in enumerate(rows)]
+    _forest_panel(ax, placed, labels, metric, reference, True, len(rows))
+    ax.set_title(title or f"Held-out {_metric_title(metric)} with 95% CIs", fontsize=11)
+    ax.set_xlabel(_METRIC_NAMES.get(metric, metric.upper()))
     return fig
 
 
-def _short(name: str, width: int = 28) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
+def metric_comparison_plot(table, metrics: Sequence[str] | None = None,
+                           title: str = "Held-out metrics with 95% CIs") -> Figure:
+    """Forest panels, one per metric (default AUROC, AUPRC, Brier, ECE where the table has them).
+
+    ``table`` is a polars frame with a ``model`` column and ``<metric>``, ``<metric>_ci_low``,
+    ``<metric>_ci_high`` columns (what ``tracking.runs_table`` returns). Every panel has the
+    same rows, ordered by the first metric (best first), so one model reads across one line;
+    each x axis is zoomed to its intervals. Null values leave that cell empty.
+    """
+    if table.height == 0:
+        raise WorkbenchError("metric_comparison_plot needs at least one model row")
+    if metrics is None:
+        metrics = [m for m in _DEFAULT_METRICS if m in table.columns] or list(_DEFAULT_METRICS)
+    metrics = list(metrics)
+    per_metric = {m: {i: (v, lo, hi) for i, v, lo, hi in _forest_rows(table, m)} for m in metrics}
+    first = _best_first([(i, *vals) for i, vals in per_metric[metrics[0]].items()], metrics[0])
+    order = [r[0] for r in first]
+    order += [i for i in range(table.height) if i not in order and any(i in per_metric[m] for m in metrics)]
+    if not order:
+        raise WorkbenchError(f"metric_comparison_plot: no model has any of {metrics}")
+    names = _model_labels(table)
+    labels = [names[i] for i in order]
+    ncols = len(metrics) if len(metrics) <= 3 else 2
+    nrows = math.ceil(len(metrics) / ncols)
+    label_w = 0.075 * max(len(t) for t in labels)
+    fig = Figure(figsize=(ncols * 4.6 + label_w, nrows * (0.38 * len(order) + 1.3) + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for k, (ax, metric) in enumerate(zip(axes, metrics)):
+        values = per_metric[metric]
+        placed = [(y, *values[i]) for y, i in enumerate(order) if i in values]
+        # The best of this metric gets the highlight, wherever it sits in the shared order.
+        placed = sorted(placed, key=lambda r: r[1] if metric in _LOWER_IS_BETTER else -r[1])
+        _forest_panel(ax, placed, labels, metric, None, k % ncols == 0, len(order))
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    if len(metrics) > 1:
+        fig.supxlabel(f"Rows ordered by {_METRIC_NAMES.get(metrics[0], metrics[0].upper())}, best first; "
+                      "shaded: the best model's 95% CI (overlap: not clearly different)", fontsize=8, color="dimgrey")
+    return fig
+
+
+# ------------------------------------------------------------------------------ SHAP heatmaps
+
+
+def format_cell_value(value: float) -> str:
+    """A raw feature value as a short cell label: 3 significant digits, no scientific notation
+    for ordinary magnitudes. 1770 -> "1770", 12345 -> "12.3k", 3.517 -> "3.52", 0.0123 -> "0.012",
+    1.0 -> "1", 0.0 -> "0"; NaN -> "–"."""
+    value = float(value)
+    if not math.isfinite(value):
+        return "–"
+    if abs(value) < 1e-6:  # float32 round-trip noise around indicator zeros
+        return "0"
+    magnitude = abs(value)
+    if magnitude < 1e-3:
+        return f"{value:.2g}"
+    if round(magnitude) >= 10_000:
+        for divisor, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G")):
+            scaled = value / divisor
+            text = _three_significant(scaled)
+            if abs(float(text)) < 1000:
+                return text + suffix
+        return f"{value:.2g}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    return _three_significant(value)
+
+
+def _three_significant(value: float) -> str:
+    """3 significant digits (at most 3 decimals), trailing zeros dropped."""
+    decimals = min(3, max(0, 2 - math.floor(math.log10(abs(value)))))
+    text = f"{value:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _relative_luminance(rgba) -> float:
+    """WCAG relative luminance of an sRGB colour."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def text_color_for(background) -> str:
+    """"white" or "black", whichever contrasts more with ``background`` (WCAG contrast ratio)."""
+    lum = _relative_luminance(background)
+    return "white" if (1.05 / (lum + 0.05)) > ((lum + 0.05) / 0.05) else "black"
 
 
 def shap_heatmap_plot(shap_values, raw_values, step_end_time, feature_names, padded=None,
@@ -308,28 +625,34 @@ def shap_heatmap_plot(shap_values, raw_values, step_end_time, feature_names, pad
     """One patient's attributions: features (rows) x time steps (columns), raw values written in.
 
     Red pushed the risk up, blue down; padded steps are left out. Only the ``max_features``
-    features with the largest total |SHAP| are shown, so the picture stays readable.
+    features with the largest total |SHAP| are shown, so the picture stays readable. Each
+    cell's value is written in white or black, whichever reads better on that cell's colour.
     """
     shap_values, raw_values = np.asarray(shap_values, float), np.asarray(raw_values, float)
     keep = ~np.asarray(padded, bool) if padded is not None else np.ones(shap_values.shape[0], bool)
     if not keep.any():
         raise WorkbenchError("shap_heatmap_plot: every step of this sequence is padding")
     s, v, times = shap_values[keep], raw_values[keep], np.asarray(step_end_time)[keep]
-    order = np.argsort(-np.abs(s).sum(axis=0))[:max_features]
+    order = np.argsort(-np.abs(s).sum(axis=0), kind="stable")[:max_features]
     s, v = s[:, order].T, v[:, order].T
     limit = float(np.abs(s).max()) or 1.0
-    fig = Figure(figsize=(max(6.0, 0.55 * s.shape[1] + 3.5), 0.42 * len(order) + 2.0))
+    names = list(feature_names)
+    row_labels = [feature_labels(names)[k] for k in order]
+    label_width = 0.065 * max(len(t) for t in row_labels)
+    fig = Figure(figsize=(max(6.0, 0.6 * s.shape[1] + 2.2 + label_width), 0.42 * len(order) + 2.0),
+                 layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(s, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-    for (i, j), value in np.ndenumerate(np.where(np.abs(v) < 1e-6, 0.0, v)):  # float32 round-trip noise
-        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6, color="black")
-    ax.set_yticks(range(len(order)), [_short(feature_names[k]) for k in order], fontsize=8)
+    backgrounds = image.cmap(image.norm(s))
+    for (i, j), value in np.ndenumerate(v):
+        ax.text(j, i, format_cell_value(value), ha="center", va="center", fontsize=8,
+                color=text_color_for(backgrounds[i, j]))
+    ax.set_yticks(range(len(order)), row_labels, fontsize=9)
     labels = [str(np.datetime64(t, "D")) for t in times]
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    fig.colorbar(image, ax=ax, label="SHAP (risk)")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    fig.colorbar(image, ax=ax, label="SHAP (change in risk)")
     ax.set_title(title)
     ax.set_xlabel("end of time step")
-    fig.tight_layout()
     return fig
 
 
@@ -369,15 +692,18 @@ def global_importance_plot(by_feature, by_step, max_features: int = 15,
     ``by_feature`` and ``by_step`` are polars frames with columns (feature, mean_abs_shap) and
     (steps_before_prediction, mean_abs_shap).
     """
-    fig = Figure(figsize=(11.0, 4.8))
-    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
     top = by_feature.sort("mean_abs_shap", descending=True).head(max_features).reverse()
-    left.barh([_short(f) for f in top["feature"].to_list()], top["mean_abs_shap"].to_list(), color="C0")
+    labels = feature_labels(top["feature"].to_list())
+    fig = Figure(figsize=(11.0, max(4.8, 0.3 * len(labels) + 1.6)))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    # Positions, not categories: two features with the same label must stay two bars.
+    left.barh(range(len(labels)), top["mean_abs_shap"].to_list(), color="C0")
+    left.set_yticks(range(len(labels)), labels)
     _style(left, "by feature", "mean |SHAP|", "")
     steps = by_step.sort("steps_before_prediction")
     right.bar(steps["steps_before_prediction"].to_list(), steps["mean_abs_shap"].to_list(), color="C2")
     right.invert_xaxis()
-    _style(right, "by time step (0 = the bin ending at the prediction time)", "steps before prediction", "mean |SHAP|")
+    _style(right, "by time step\n(0 = the bin ending at the prediction time)", "steps before prediction", "mean |SHAP|")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Optional
 
 from workbench import tracking
 from workbench.errors import WorkbenchError
+from workbench.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -298,13 +299,6 @@ def _result_file(entry_id: int) -> Path:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename: a reader (and a crash) sees no file or the whole file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_scheduled(pipeline: str, overrides: dict[str, Any], schedule: str, force: bool = True, cron: str = "") -> str:
     """The job the scheduler runs (``cron`` is only for display): one locked pipeline run; returns its status."""
     from workbench.pipelines import load_pipeline
@@ -450,7 +444,7 @@ def _child_main(job: dict) -> int:
             result.update(_monitor_safely(monitor, run.parent_run_id))
     except Exception as exc:  # recorded as failed; the schedule stays and fires again
         result["error"] = f"{type(exc).__name__}: {exc}"
-    _write_atomic(Path(job["result"]), json.dumps(result, indent=2, default=str))
+    write_text_atomic(Path(job["result"]), json.dumps(result, indent=2, default=str))
     print(json.dumps(result, default=str))
     return 0 if result["status"] == "finished" else 1
 

@@ -37,9 +37,10 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workbench.data.meds_io import MedsDataset, open_dataset, write_parquet_atomic
+from workbench.data.meds_io import MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
+from workbench.files import write_parquet_atomic
 
 #: Columns (and polars dtypes) of a saved labels file: exactly meds.LabelSchema's boolean task.
 LABEL_SCHEMA: dict[str, pl.DataType] = {
@@ -186,12 +187,25 @@ class TaskSpec(_Section):
     warn_prevalence_below: float = Field(
         0.01, ge=0, le=1, description="Warn when the overall label prevalence is below this (0-1)."
     )
+    features: dict = Field(
+        default_factory=dict,
+        description="FeatureConfig fields suited to this task's time scale, e.g. {bin_width: 90d, n_steps: 16} "
+        "for yearly visits; a cohort's own feature settings override them.",
+    )
 
     @model_validator(mode="after")
     def _outcome_or_file_labels(self) -> "TaskSpec":
         if self.outcome is None and self.prediction_times.kind != "labels_file":
             raise ValueError("outcome may be null only with prediction_times.kind 'labels_file'")
         return self
+
+    @field_validator("features")
+    @classmethod
+    def _features_are_a_feature_config(cls, value: dict) -> dict:
+        from workbench.features import FeatureConfig
+
+        FeatureConfig.model_validate(value)  # a typo or a bad value fails at load, naming the field
+        return value
 
     def to_yaml(self) -> str:
         """The full resolved spec as YAML (defaults included), e.g. to log as an MLflow artifact."""
@@ -230,15 +244,41 @@ def shipped_tasks() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def labels_file_task(path: str | os.PathLike) -> TaskSpec:
+    """The task of a labels parquet made elsewhere (ACES, SQL): its prediction times and outcomes
+    as they are, named after the file (``nafld_death_5y.parquet`` -> task ``nafld_death_5y``)."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise WorkbenchError(f"{path}: labels file not found (a parquet of subject_id, prediction_time, boolean_value)")
+    return task_from_dict({
+        "name": path.stem, "description": f"labels from {path}",
+        "prediction_times": {"kind": "labels_file", "labels_path": str(path)}, "outcome": None,
+    }, source=str(path))
+
+
+def task_name(path_or_name: str) -> str:
+    """The name of a task argument without labelling anything: a YAML's ``name``, a labels
+    parquet's file name, or the (shipped) name itself. It names the experiment and the model."""
+    text = str(path_or_name)
+    if text.endswith(".parquet"):
+        return Path(text).stem
+    if text.endswith((".yaml", ".yml")):
+        return load_task(text).name
+    return text
+
+
 def load_task(path_or_name: str | os.PathLike | TaskSpec | dict) -> TaskSpec:
-    """Load a task spec from a YAML file, a shipped name (e.g. ``"pbc_mortality"``) or a dict
-    (e.g. the ``task:`` block of a pipeline YAML); a TaskSpec is returned as is."""
+    """Load a task spec from a YAML file, a shipped name (e.g. ``"pbc_mortality"``), a labels
+    parquet made elsewhere (see :func:`labels_file_task`) or a dict (e.g. the ``task:`` block of
+    a pipeline YAML); a TaskSpec is returned as is."""
     if isinstance(path_or_name, TaskSpec):
         return path_or_name
     if isinstance(path_or_name, dict):
         return task_from_dict(path_or_name)
     text = str(path_or_name)
     path = Path(text)
+    if text.endswith(".parquet"):
+        return labels_file_task(path)
     if not path.exists() and not text.endswith((".yaml", ".yml")) and os.sep not in text:
         names = shipped_tasks()
         if text not in names:

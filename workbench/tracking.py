@@ -9,9 +9,11 @@ One experiment per task, one run per model; a pipeline run is the parent of its 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,33 @@ from mlflow.tracking import MlflowClient
 from workbench.errors import WorkbenchError
 
 CHAMPION = "champion"
-AUROC_TAG = "held_out_auroc"
+AUROC_TAG = "held_out_auroc"  # registered version tag: the held-out AUROC the champion rule compares
+# The record of a model run (tags and artifact paths other modules read back).
+TASK_TAG = "workbench.task"
+MODEL_TAG = "workbench.model"
+DATA_ROOT_TAG = "workbench.data_root"
+SKIPPED_TAG = "workbench.skipped"
+TASK_ARTIFACT = "task/spec.json"
+PREDICTIONS_ARTIFACT = "predictions/held_out.parquet"
 
 
 def project_home() -> Path:
-    """The directory holding ``mlruns/`` and ``runs/``: ``WORKBENCH_HOME`` or the current directory."""
-    return Path(os.environ.get("WORKBENCH_HOME", os.getcwd())).resolve()
+    """The directory holding ``mlruns/`` and ``runs/``, the same wherever a command or a notebook
+    is started from: ``WORKBENCH_HOME`` when set, else the project checkout this package lives in
+    (the usual editable install), else the current directory."""
+    if os.environ.get("WORKBENCH_HOME"):
+        return Path(os.environ["WORKBENCH_HOME"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
+        return checkout
+    return Path.cwd().resolve()
+
+
+def store_description() -> str:
+    """One line saying where runs are logged (printed by notebooks and commands)."""
+    uri = tracking_uri()
+    where = f"artifacts in {mlruns_dir() / 'artifacts'}" if is_local_store(uri) else "artifacts on the server"
+    return f"MLflow tracking store: {uri} ({where}; `workbench ui` shows it)"
 
 
 def mlruns_dir() -> Path:
@@ -51,6 +74,10 @@ def is_local_store(uri: str) -> bool:
 
 def setup() -> str:
     """Point MLflow at the workbench store (call before any logging); returns the URI."""
+    # MLflow's own progress bars belong to no one's terminal here (they fill notebooks' stderr).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's INFO lines (database migrations, input example validation) are not the user's news.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -99,77 +126,70 @@ def flatten_params(configs: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
-def log_json(obj: Any, artifact_file: str) -> None:
-    """Log a JSON-serialisable object (pydantic models included) as a run artifact."""
-    if hasattr(obj, "model_dump"):
-        obj = obj.model_dump(mode="json")
-    mlflow.log_dict(obj, artifact_file)
-
-
 def log_figures(figures: dict[str, Any], folder: str = "plots") -> None:
     """Log matplotlib figures as PNG artifacts under ``folder/``."""
     for name, fig in figures.items():
         mlflow.log_figure(fig, f"{folder}/{name}.png")
 
 
-def keras_signature(n_steps: int, n_features: int):
-    """An explicit tensor signature (``input_example`` crashes mlflow.keras in 3.17)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+def register_and_maybe_promote(model_uri: str, name: str, auroc: float, description: str = "",
+                               tags: dict[str, str] | None = None) -> dict:
+    """Register a model version with its description and tags; move the ``champion`` alias to it
+    only if its AUROC beats the champion's."""
+    from mlflow.utils import logging_utils
 
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_steps, n_features), "sequences")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "risk")]),
-    )
-
-
-def log_keras_model(model, n_steps: int, n_features: int):
-    """Log a Keras model with its signature; returns MLflow's ModelInfo."""
-    import keras
-    import mlflow.keras
-
-    # Explicit requirements: MLflow's inference reloads the model in a subprocess (slow, and it
-    # fails on the +cpu local version label of torch).
-    return mlflow.keras.log_model(
-        model, name="model", signature=keras_signature(n_steps, n_features),
-        pip_requirements=[f"keras=={keras.__version__}", "torch==2.13.0", f"workbench=={workbench_version()}"],
-    )
-
-
-def log_sklearn_model(estimator):
-    """Log a scikit-learn estimator (the logistic reference) with explicit requirements."""
-    import mlflow.sklearn
-    import sklearn
-
-    return mlflow.sklearn.log_model(estimator, name="model", pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
-
-
-def workbench_version() -> str:
-    from workbench import __version__
-
-    return __version__
-
-
-def register_and_maybe_promote(model_uri: str, name: str, auroc: float) -> dict:
-    """Register a model version; move the ``champion`` alias to it only if its AUROC beats the champion's."""
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, name).version
-    client.set_model_version_tag(name, version, AUROC_TAG, f"{auroc:.6f}")
+    # mlflow.register_model announces itself on stderr (into every notebook): keep it quiet.
+    logging_utils.disable_logging()
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-        current_auroc = float(current.tags.get(AUROC_TAG, "nan"))
-    except mlflow.exceptions.MlflowException:
-        current, current_auroc = None, float("nan")
-    promoted = current is None or not np.isfinite(current_auroc) or auroc > current_auroc
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        version = mlflow.register_model(model_uri, name, tags={**(tags or {}), AUROC_TAG: f"{auroc:.6f}"}).version
+    finally:
+        logging_utils.enable_logging()
+    if description:
+        client.update_model_version(name, version, description=description)
+    with champion_lock(name):
+        try:
+            current = client.get_model_version_by_alias(name, CHAMPION)
+        except mlflow.exceptions.MlflowException:
+            current = None
+        best = best_version(client, name)
+        if current is None or best.version != current.version:
+            client.set_registered_model_alias(name, CHAMPION, best.version)
     return {
         "name": name,
         "version": int(version),
-        "promoted": bool(promoted),
+        "promoted": best.version == version and (current is None or current.version != version),
         "previous_champion_version": None if current is None else int(current.version),
-        "previous_champion_auroc": None if current is None else current_auroc,
+        "previous_champion_auroc": None if current is None else _version_auroc(current),
     }
+
+
+def _version_auroc(version) -> float:
+    value = float(version.tags.get(AUROC_TAG, "nan"))
+    return value if np.isfinite(value) else float("-inf")
+
+
+def best_version(client: MlflowClient, name: str):
+    """The registered version the champion rule picks: the highest AUROC tag, the older on a tie."""
+    versions = client.search_model_versions(f"name='{name}'", max_results=10_000)
+    return max(versions, key=lambda v: (_version_auroc(v), -int(v.version)))
+
+
+@contextmanager
+def champion_lock(name: str):
+    """Serialize champion updates of one registered model on this machine (concurrent runs of a
+    sweep register at the same time); the rule itself recomputes the best of all versions, so
+    whoever moves the alias last still moves it to the best one."""
+    import fcntl
+
+    path = project_home() / "runs" / ".locks" / f"champion-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_of_model(model_uri: str) -> str:
@@ -199,12 +219,28 @@ def download_artifact(run_id: str, path: str) -> Path:
 
 def log_data_input(dataset_root: str | os.PathLike, fingerprint: str, task: str) -> None:
     """Record the MEDS dataset as the run's input, its fingerprint as the digest."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(str(Path(dataset_root).resolve()))
+    # The local-files source named directly: resolving a path finds two registered candidates and warns.
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    source = local(str(Path(dataset_root).resolve()))
     name = f"{task}:{Path(dataset_root).name}"
     mlflow.log_input(MetaDataset(source, name=name, digest=fingerprint[:40]), context="training")
+
+
+def log_cohort_report(report) -> None:
+    """The cohort report (counts per rule and split) into the active run: metrics and artifacts."""
+    mlflow.log_metrics(report.to_metrics())
+    mlflow.log_dict(report.to_dict(), "cohort/report.json")
+    mlflow.log_text(report.to_markdown(), "cohort/report.md")
+
+
+def log_cohort(run_id: str, cohort) -> None:
+    """A cohort step's record in its run: the report and the resolved task spec."""
+    with mlflow.start_run(run_id=run_id):
+        log_cohort_report(cohort.report)
+        mlflow.log_dict(cohort.task.model_dump(mode="json"), TASK_ARTIFACT)
 
 
 def log_frame(frame, artifact_file: str) -> None:
@@ -215,25 +251,33 @@ def log_frame(frame, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent))
 
 
-def runs_table(experiment: str, parent_run_id: str | None = None,
+def runs_table(experiment: str, parent_run_id: str | None = None, run_ids=None, latest_per_model: bool = False,
                metrics=("auroc", "auprc", "brier", "ece")) -> pl.DataFrame:
-    """The model runs of an experiment (optionally one pipeline run's children) with held-out metrics.
+    """The model runs of an experiment with their held-out metrics, best AUROC first.
 
-    One row per run that logged held-out metrics: run id, model, start time, and each metric
-    with its CI, best AUROC first. This is what the compare notebook and monitoring read.
+    Which runs: ``run_ids`` (e.g. a pipeline's train steps, cached ones included), else one
+    pipeline run's children (``parent_run_id``), else every run; ``latest_per_model`` keeps the
+    most recent run of each model kind. One row per run that logged held-out metrics: run id,
+    model, start time, and each metric with its CI. The compare notebook and the demo read it.
     """
-
-    exp = MlflowClient().get_experiment_by_name(experiment)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise WorkbenchError(f"no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
-    query = "metrics.held_out_auroc >= 0"
+    query = f"metrics.{AUROC_TAG} >= 0"
     if parent_run_id:
         query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
-    runs = MlflowClient().search_runs([exp.experiment_id], filter_string=query, max_results=5000)
-    rows = []
+    runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=5000, order_by=["attributes.start_time DESC"])
+    if run_ids is not None:
+        wanted = set(run_ids)
+        runs = [r for r in runs if r.info.run_id in wanted]
+    rows, seen = [], set()
     for run in runs:
-        row = {"run_id": run.info.run_id, "model": run.data.tags.get("workbench.model", run.info.run_name),
-               "started": run.info.start_time}
+        model = run.data.tags.get(MODEL_TAG, run.info.run_name)
+        if latest_per_model and model in seen:
+            continue
+        seen.add(model)
+        row = {"run_id": run.info.run_id, "model": model, "started": run.info.start_time}
         for m in metrics:
             for suffix in ("", "_ci_low", "_ci_high"):
                 row[f"{m}{suffix}"] = run.data.metrics.get(f"held_out_{m}{suffix}")
@@ -241,6 +285,15 @@ def runs_table(experiment: str, parent_run_id: str | None = None,
     schema = {"run_id": pl.String, "model": pl.String, "started": pl.Int64,
               **{f"{m}{s}": pl.Float64 for m in metrics for s in ("", "_ci_low", "_ci_high")}}
     return pl.DataFrame(rows, schema=schema).sort("auroc", descending=True, nulls_last=True)
+
+
+def held_out_predictions(table: pl.DataFrame) -> dict[str, tuple]:
+    """``{model: (label, risk)}`` on the held-out split for each run of a ``runs_table`` (for overlay plots)."""
+    curves = {}
+    for row in table.iter_rows(named=True):
+        frame = pl.read_parquet(download_artifact(row["run_id"], PREDICTIONS_ARTIFACT))
+        curves[row["model"]] = (frame["label"].to_numpy(), frame["risk"].to_numpy())
+    return curves
 
 
 def runs_markdown(table, metrics=("auroc", "auprc", "brier", "ece"), digits: int = 3) -> str:
@@ -253,5 +306,5 @@ def runs_markdown(table, metrics=("auroc", "auprc", "brier", "ece"), digits: int
     for r in table.iter_rows(named=True):
         cells = [format_with_ci({"value": r[m], "ci_low": r[f"{m}_ci_low"], "ci_high": r[f"{m}_ci_high"]}, digits)
                  for m in metrics]
-        rows.append(f"| {r['model']} | " + " | ".join(cells) + f" | `{r['run_id'][:8]}` |")
+        rows.append(f"| {r['model']} | " + " | ".join(cells) + f" | `{r['run_id']}` |")
     return header + "\n".join(rows) + "\n"

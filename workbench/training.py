@@ -158,7 +158,7 @@ def train(
 
     progress_bar = None
     if train_config.progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # a terminal bar (notebooks pass progress=False: progress belongs in the terminal)
 
         progress_bar = tqdm(total=train_config.epochs, desc=f"train {model.name}", unit="epoch")
     metrics = TuningMetrics(X_tune, y_tune, train_config.batch_size, progress_bar, on_epoch_end)

@@ -86,6 +86,23 @@ class MedsDataset:
         return self.events().join(self.splits().lazy(), on="subject_id", how="left")
 
 
+@dataclass(frozen=True)
+class EventFrame:
+    """MEDS events held in memory (a frame sent to a served model), read like a dataset.
+
+    ``root`` only names the source in error messages; there are no splits or metadata.
+    """
+
+    frame: pl.DataFrame
+    root: str = "<events frame>"
+
+    def events(self) -> pl.LazyFrame:
+        return to_event_frame(self.frame).lazy().select(list(EVENT_SCHEMA))
+
+    def splits(self) -> pl.DataFrame:
+        return pl.DataFrame(schema=SPLITS_SCHEMA)
+
+
 def open_dataset(root: str | os.PathLike) -> MedsDataset:
     """Open the MEDS dataset at ``root`` (checks only that the directory exists)."""
     path = Path(root)
@@ -208,17 +225,3 @@ def write_dataset(
                 writer.write_shard(part.drop("_shard"), name=f"{int(i):05d}")
         writer.write_metadata(codes=codes, splits=splits, dataset=dataset)
     return MedsDataset(Path(root))
-
-
-def write_parquet_atomic(df: pl.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a parquet file via a temp file in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-

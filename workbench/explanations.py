@@ -1,0 +1,180 @@
+"""Explanation runs: SHAP per time step for a logged sequence model, checked, plotted, logged to its run.
+
+What ``notebooks/03_explain`` calls. The model is loaded back from its MLflow run (what was
+logged is what is explained), the background comes from the train split only, and every
+explanation run logs its checks with their verdicts as metrics and tags of the model's run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+
+from workbench import tracking
+from workbench.errors import WorkbenchError
+from workbench.experiment import SEQUENCE_KINDS, best_sequence_run, model_run_tags
+from workbench.features import SequenceTensors
+from workbench.files import write_parquet_atomic
+
+
+def sequence_network(run_id: str):
+    """The Keras network a sequence model run logged (inside its pyfunc), for SHAP."""
+    from workbench.serving import KerasPredictor, MODEL_PATH, load_risk_model
+
+    kind = model_run_tags(run_id).get(tracking.MODEL_TAG)
+    if kind not in SEQUENCE_KINDS:
+        raise WorkbenchError(f"run {run_id} is a {kind!r} model: SHAP per time step explains sequence models "
+                             f"({', '.join(SEQUENCE_KINDS)}) only")
+    predictor = load_risk_model(f"runs:/{run_id}/{MODEL_PATH}").predictor
+    if not isinstance(predictor, KerasPredictor):
+        raise WorkbenchError(f"run {run_id}: its model holds no Keras network")
+    return predictor.network
+
+
+@dataclass
+class ExplanationRun:
+    """What an explanation run produced (all of it also logged to the model's MLflow run)."""
+
+    run_id: str
+    frame: pl.DataFrame  # the long explanations table (docs/architecture.md)
+    by_step: pl.DataFrame  # mean |SHAP| by steps before the prediction time
+    by_feature: pl.DataFrame  # mean |SHAP| by feature
+    checks: dict  # additivity, reference agreement, deletion test (metrics)
+    verdicts: pl.DataFrame  # one row per check: value, threshold, PASS / WARN
+    figures: dict
+
+    def summary(self) -> str:
+        """One Markdown line: which run, how many patients and times, the overall verdict."""
+        failing = self.verdicts.filter(pl.col("verdict") != "PASS")["check"].to_list()
+        verdict = "every check PASS" if not failing else f"**WARN** on {', '.join(failing)}"
+        return (f"Explained MLflow run `{self.run_id}`: {self.frame['subject_id'].n_unique()} patients, "
+                f"{self.frame.select('subject_id', 'prediction_time').n_unique()} prediction times; {verdict}.")
+
+    def checks_markdown(self) -> str:
+        """The checks as a table: what each measures, its value, threshold and verdict."""
+        lines = ["| check | value | threshold | verdict | what it means |", "|---|---|---|---|---|"]
+        for row in self.verdicts.iter_rows(named=True):
+            verdict = "PASS" if row["verdict"] == "PASS" else f"**{row['verdict']}**"
+            lines.append(f"| {row['check']} | {row['value']:.3g} | {row['threshold']} | {verdict} | {row['meaning']} |")
+        return "\n".join(lines)
+
+    def save(self, directory) -> None:
+        """The long explanations table and the verdicts, for downstream steps."""
+        write_parquet_atomic(self.frame, Path(directory) / "explanations.parquet")
+        write_parquet_atomic(self.verdicts, Path(directory) / "checks.parquet")
+
+
+def global_summaries(frame: pl.DataFrame, n_steps: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Mean |SHAP| by relative time step and by feature over every explained (non-padded) cell."""
+    abs_shap = pl.col("shap").abs().mean().alias("mean_abs_shap")
+    by_step = (
+        frame.with_columns((n_steps - 1 - pl.col("step")).alias("steps_before_prediction"))
+        .group_by("steps_before_prediction").agg(abs_shap).sort("steps_before_prediction")
+    )
+    by_feature = frame.group_by("feature").agg(abs_shap).sort("mean_abs_shap", descending=True)
+    return by_step, by_feature
+
+
+def patient_figures(expl, tensors: SequenceTensors, raw_X: np.ndarray, row: int) -> dict:
+    """Heatmap and step timeline (with the patient's risk trajectory) of one explained sample."""
+    from workbench.explain import padded_steps
+    from workbench.plots import shap_heatmap_plot, step_timeline_plot
+
+    i = int(expl.index[row])
+    padded = padded_steps(tensors.X[i : i + 1], tensors.observed[i : i + 1])[0]
+    subject = tensors.subject_id[i]
+    same = np.flatnonzero(tensors.subject_id[expl.index] == subject)
+    up_to = same[tensors.prediction_time[expl.index[same]] <= tensors.prediction_time[i]]
+    when = str(np.datetime64(tensors.prediction_time[i], "D"))
+    return {
+        f"explain_heatmap_subject{subject}": shap_heatmap_plot(
+            expl.shap[row], raw_X[i], tensors.step_end_time[i], tensors.feature_names, padded,
+            title=f"Subject {subject} at {when}: SHAP per step and feature (values written in)"),
+        f"explain_timeline_subject{subject}": step_timeline_plot(
+            expl.step_totals[row], tensors.step_end_time[i], padded,
+            tensors.prediction_time[expl.index[up_to]], expl.output[up_to], float(expl.base_value[row]),
+            title=f"Subject {subject} at {when}: step contributions and risk so far"),
+    }
+
+
+def explain_samples(tensors: SequenceTensors, split: str = "held_out", subjects=None, max_samples: int | None = None):
+    """Row indices of ``tensors`` to explain: a split, optionally some subjects, optionally the first N."""
+    rows = np.flatnonzero(tensors.split == split)
+    if subjects:
+        rows = rows[np.isin(tensors.subject_id[rows], np.asarray(list(subjects), dtype=np.int64))]
+        if len(rows) == 0:
+            raise WorkbenchError(f"none of subjects {list(subjects)} has a sample in the {split} split")
+    return rows[:max_samples] if max_samples else rows
+
+
+def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=None, max_samples: int | None = None,
+                n_patients: int = 3) -> ExplanationRun:
+    """Explain a logged model on held-out samples and log explanations, checks and plots to its run.
+
+    The model is loaded back from the run (what was logged is what is explained); the
+    background comes from the train split only.
+    """
+    from workbench.explain import (
+        ExplainConfig,
+        check_explanation,
+        check_verdicts,
+        explain,
+        explanation_frame,
+        select_background,
+        verdict_tags,
+    )
+
+    config = config or ExplainConfig()
+    model = sequence_network(run_id)
+    train_split = tensors.by_split("train")
+    background = select_background(train_split.X, train_split.observed, config.n_background, config.seed,
+                                   config.background_selection)
+    rows = explain_samples(tensors, subjects=subjects, max_samples=max_samples)
+    X, observed = tensors.X, tensors.observed
+    expl = explain(model, X[rows], background, config, observed=observed[rows])
+    expl.index = rows[expl.index]  # positions in the full tensors, for the frame and plots
+    checks = check_explanation(model, X, expl, background, config, observed=observed)
+    raw_X = tensors.spec.denormalize(X)
+    frame = explanation_frame(expl, tensors.subject_id, tensors.prediction_time, tensors.step_end_time,
+                              tensors.feature_names, raw_X, observed)
+    by_step, by_feature = global_summaries(frame, X.shape[1])
+    from workbench.plots import global_importance_plot
+
+    figs = {"explain_global_importance": global_importance_plot(by_feature, by_step)}
+    # The patients a clinician would look at first: the highest-risk explained samples, one per subject.
+    by_risk = np.argsort(-expl.output)
+    _, first = np.unique(tensors.subject_id[expl.index[by_risk]], return_index=True)
+    for row in by_risk[np.sort(first)][:n_patients]:
+        figs |= patient_figures(expl, tensors, raw_X, int(row))
+    verdicts = check_verdicts(checks, config)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"explain_{k}": float(v) for k, v in checks.items()})
+        mlflow.set_tags(verdict_tags(verdicts))
+        mlflow.log_text(verdicts.write_csv(), "explanations/checks.csv")
+        # An artifact, not params: a model may be explained again with other settings (params are write-once).
+        mlflow.log_dict(config.model_dump(mode="json"), "explanations/config.json")
+        tracking.log_frame(frame, "explanations/explanations.parquet")
+        mlflow.log_text(by_step.write_csv(), "explanations/by_step.csv")
+        mlflow.log_text(by_feature.write_csv(), "explanations/by_feature.csv")
+        tracking.log_figures(figs)
+    return ExplanationRun(run_id, frame, by_step, by_feature, checks, verdicts, figs)
+
+
+
+
+def choose_run_to_explain(run_id: str | None, upstream: dict | None, task: str) -> str:
+    """The run a given id names; else the sweep's best sequence model by tuning AUROC (a
+    pipeline's ``upstream["train"]``); else the current champion of ``task``."""
+    if run_id:
+        return run_id
+    if upstream and upstream.get("train"):
+        return best_sequence_run(upstream["train"])["run_id"]
+    from workbench.tasks import task_name
+
+    tracking.setup()
+    name = task_name(task)
+    return tracking.run_of_model(f"models:/{name}@{tracking.CHAMPION}")

@@ -1,0 +1,104 @@
+"""Files written so that a reader or a crash never sees half of one, and cheap fingerprints of inputs.
+
+Every output of the workbench goes through :func:`write_text_atomic`,
+:func:`write_parquet_atomic` or :func:`replace_directory`: the data is written under a temporary
+name in the same folder and renamed into place, so the target is the old version or the whole
+new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _temporary_sibling(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_via_temporary(path: str | os.PathLike, write) -> Path:
+    """``write(tmp)`` into a temporary sibling of ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
+    return _write_via_temporary(path, lambda tmp: tmp.write_text(text))
+
+
+def write_parquet_atomic(df, path: str | os.PathLike) -> Path:
+    """Write a polars frame as parquet via a temporary sibling and a rename."""
+    return _write_via_temporary(path, df.write_parquet)
+
+
+def temporary_directory_for(target: str | os.PathLike) -> Path:
+    """A new empty folder beside ``target`` (same file system, so it can be renamed onto it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(target)
+    tmp.mkdir()
+    return tmp
+
+
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``target``, replacing an old one only at the last moment."""
+    old = None
+    if target.exists():
+        old = _temporary_sibling(target, "old")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over every file (relative path and bytes) under ``path``."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def path_fingerprint(value: Any, base: Optional[Path] = None) -> Optional[str]:
+    """For a value naming an existing file or directory (a dataset, a labels file): a digest of its
+    files' names, sizes and modification times, so new data behind the same path is noticed
+    without reading gigabytes. None for any other value. Relative paths resolve against ``base``."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value) or len(str(value)) > 4096:
+        return None
+    path = Path(value)
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        name = file.relative_to(path) if path.is_dir() else file.name
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """Digest of the workbench package's source: a library change invalidates cached results."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()

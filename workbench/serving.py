@@ -1,0 +1,274 @@
+"""Registered models anyone can load: an MLflow pyfunc from raw MEDS events to risks.
+
+Every model run logs its model as this pyfunc, so in any Python process with the project's
+dependencies (nothing imported or set beforehand)::
+
+    import mlflow
+    model = mlflow.pyfunc.load_model("models:/pbc_mortality@champion")
+    risks = model.predict(events)   # pandas or polars: subject_id, time, code, numeric_value
+
+returns one row per (subject_id, prediction_time) with its ``risk``. Without a
+``prediction_time`` column each subject is scored as of its last timed event; with one, every
+distinct non-null (subject_id, prediction_time) in the frame is scored (put the times on any
+of the subject's rows). ``mlflow models serve`` answers the same request over REST.
+
+What travels with the model: the FeatureSpec (new events are tensorized with it, never
+refitted), the fitted predictor (Keras ``.keras`` file, a scikit-learn estimator, or nothing
+for the published Mayo score), the ``workbench`` package itself (``code_paths``), the Keras
+backend (``workbench`` sets it on import), and the exact pins of what scoring imports.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import polars as pl
+
+from workbench.errors import WorkbenchError
+
+#: The artifact path of every run's model.
+MODEL_PATH = "model"
+#: Columns of a scoring request; subject_id and code are required.
+REQUEST_COLUMNS = {
+    "subject_id": pl.Int64,
+    "time": pl.Datetime("us"),
+    "code": pl.String,
+    "numeric_value": pl.Float64,
+    "prediction_time": pl.Datetime("us"),
+}
+# What scoring imports (pinned from this package's own requirements).
+_SCORING_PACKAGES = {"torch", "keras", "polars", "pyarrow", "numpy", "pandas", "scikit-learn", "scipy",
+                     "pydantic", "pyyaml", "meds", "mlflow"}
+
+
+def signature():
+    """The pyfunc's signature: the request columns in, one risk per sample out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([
+            ColSpec("long", "subject_id"),
+            ColSpec("datetime", "time", required=False),
+            ColSpec("string", "code"),
+            ColSpec("double", "numeric_value", required=False),
+            ColSpec("datetime", "prediction_time", required=False),
+        ]),
+        outputs=Schema([ColSpec("long", "subject_id"), ColSpec("datetime", "prediction_time"), ColSpec("double", "risk")]),
+    )
+
+
+def _bad_request(message: str) -> Exception:
+    """An error ``mlflow models serve`` returns as HTTP 400 with just this message."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def request_frame(model_input) -> pl.DataFrame:
+    """A scoring request as a typed polars frame; a clear error names the column that is wrong."""
+    if isinstance(model_input, pd.DataFrame):
+        frame = pl.from_pandas(model_input)
+    elif isinstance(model_input, pl.DataFrame):
+        frame = model_input
+    else:
+        raise _bad_request(f"expected a DataFrame of MEDS events, got {type(model_input).__name__}")
+    missing = [c for c in ("subject_id", "code") if c not in frame.columns]
+    if missing:
+        raise _bad_request(f"events: missing column(s) {missing}; expected subject_id, time, code, numeric_value")
+    for name, dtype in REQUEST_COLUMNS.items():
+        if name not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(name))
+            continue
+        try:
+            frame = frame.with_columns(pl.col(name).cast(dtype, strict=True))
+        except (pl.exceptions.PolarsError, OverflowError) as exc:
+            raise _bad_request(f"events: column {name!r} ({frame[name].dtype}) cannot be read as {dtype}: {exc}") from None
+    frame = frame.select(list(REQUEST_COLUMNS))
+    if frame.height == 0:
+        raise _bad_request("events: no rows to score")
+    for name in ("subject_id", "code"):
+        if frame[name].null_count():
+            raise _bad_request(f"events: column {name!r} has {frame[name].null_count()} null value(s)")
+    if not frame["numeric_value"].drop_nulls().is_finite().all():
+        raise _bad_request("events: column 'numeric_value' holds NaN or infinite values (use null for no value)")
+    return frame
+
+
+def request_samples(frame: pl.DataFrame) -> pl.DataFrame:
+    """(subject_id, prediction_time) to score: the frame's own prediction times, else each subject's last event."""
+    asked = frame.select("subject_id", "prediction_time").drop_nulls()
+    if asked.height:
+        return asked.unique().sort("subject_id", "prediction_time")
+    return last_event_times(frame.lazy())
+
+
+def last_event_times(events: pl.LazyFrame) -> pl.DataFrame:
+    """One prediction time per subject: its last timed event (score everyone as of their latest data)."""
+    times = (
+        events.drop_nulls("time").group_by("subject_id").agg(pl.col("time").max().alias("prediction_time"))
+        .sort("subject_id").collect()
+    )
+    if times.height == 0:
+        raise _bad_request("events: no timed event (column 'time'), so there is no moment to score; pass prediction_time")
+    return times
+
+
+class RiskModel(mlflow.pyfunc.PythonModel):
+    """Raw MEDS events in, one risk per (subject, prediction time) out (see the module docstring).
+
+    Its kind and options come from the logged ``model_config`` (``workbench/pyfunc_model.py`` is
+    the code MLflow loads), its FeatureSpec and predictor from the logged artifacts.
+    """
+
+    def load_context(self, context) -> None:
+        from workbench.features import FeatureSpec
+
+        config = context.model_config or {}
+        self.kind = config.get("kind", "")
+        self.spec = FeatureSpec.load(context.artifacts["feature_spec"])
+        self.predictor = load_predictor(self.kind, context.artifacts, self.spec, config.get("options") or {})
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from workbench.data.meds_io import EventFrame
+
+        frame = request_frame(model_input)
+        events = frame.filter(pl.col("code").is_not_null()).drop("prediction_time")
+        try:
+            scores = self.score(EventFrame(events, root="the request"), request_samples(frame))
+        except WorkbenchError as exc:
+            raise _bad_request(str(exc)) from None
+        return scores.to_pandas()
+
+    def score(self, dataset, samples: pl.DataFrame | None = None) -> pl.DataFrame:
+        """Risks for ``samples`` (subject_id, prediction_time; default: each subject's last event)
+        of a MEDS dataset (a path or an EventFrame), tensorized with the model's own FeatureSpec."""
+        from workbench.features import _as_dataset, transform
+
+        dataset = _as_dataset(dataset)
+        if samples is None:
+            samples = last_event_times(dataset.events())
+        tensors = transform(dataset, samples, self.spec)
+        return pl.DataFrame({
+            "subject_id": tensors.subject_id,
+            "prediction_time": tensors.prediction_time,
+            "risk": np.asarray(self.predictor(tensors.X), dtype=np.float64),
+        })
+
+
+# --- the predictor of each model kind -------------------------------------------------------
+
+
+def save_predictor(fitted, directory: Path) -> dict[str, str]:
+    """Write what ``fitted`` (an experiment.FittedModel) needs to predict; returns pyfunc artifacts."""
+    if fitted.keras_model is not None:
+        path = directory / "model.keras"
+        fitted.keras_model.save(path)
+        return {"keras_model": str(path)}
+    if fitted.sklearn_model is not None:
+        import joblib
+
+        path = directory / "estimator.joblib"
+        joblib.dump(fitted.sklearn_model, path)
+        return {"estimator": str(path)}
+    return {}
+
+
+class KerasPredictor:
+    """A saved Keras network as ``X -> risk``; ``network`` is the Keras model itself (for SHAP)."""
+
+    def __init__(self, path: str):
+        import keras
+
+        import workbench.models  # noqa: F401  (registers the custom layers the saved model uses)
+
+        self.network = keras.saving.load_model(path)
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        from workbench.training import predict_risk
+
+        return predict_risk(self.network, X)
+
+
+def load_predictor(kind: str, artifacts: dict, spec, options: dict):
+    """``X [N, T, F] -> risk [N]`` of a logged model (the inverse of :func:`save_predictor`)."""
+    from workbench import models
+
+    if "keras_model" in artifacts:
+        return KerasPredictor(artifacts["keras_model"])
+    if "estimator" in artifacts:
+        import joblib
+
+        return joblib.load(artifacts["estimator"]).predict_proba
+    if kind == "mayo":
+        return lambda X: models.mayo_risk(spec, X, options.get("horizon_years", 2))
+    raise WorkbenchError(f"model kind {kind!r}: no predictor among the logged artifacts {sorted(artifacts)}")
+
+
+def requirements() -> list[str]:
+    """Exact pins (from this package's own metadata) of the packages that scoring imports."""
+    pins = []
+    for requirement in importlib.metadata.requires("workbench") or []:
+        if "extra ==" in requirement:
+            continue
+        spec = requirement.split(";")[0].strip()
+        name = re.split(r"[\[=<>!~ ]", spec, maxsplit=1)[0]
+        if name.lower() in _SCORING_PACKAGES:
+            pins.append(re.sub(r"\[.*?\]", "", spec))
+    return pins
+
+
+def example_request(spec) -> pd.DataFrame:
+    """A made-up patient (subject 0, one visit with the train medians of the numeric codes): the
+    model's input example, so the UI and ``mlflow models serve`` show a valid request. No real
+    patient's data goes into the model."""
+    names = list(spec.feature_names)
+    rows = [{"subject_id": 0, "time": pd.Timestamp("2000-01-01"), "code": code,
+             "numeric_value": float(spec.median[names.index(f"{code}/last")]) if f"{code}/last" in names else None}
+            for code in spec.numeric_codes[:8]]
+    rows += [{"subject_id": 0, "time": pd.Timestamp("2000-01-01"), "code": code, "numeric_value": None}
+             for code in spec.count_codes[:2]]
+    if not rows:
+        rows = [{"subject_id": 0, "time": pd.Timestamp("2000-01-01"), "code": "VISIT", "numeric_value": None}]
+    frame = pd.DataFrame(rows)
+    frame["prediction_time"] = pd.Timestamp("2000-01-01")
+    return frame
+
+
+def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, metadata: dict | None = None):
+    """Log ``fitted`` as the run's ``model``: the raw-events pyfunc with everything it needs."""
+    import workbench
+
+    package = Path(workbench.__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="workbench-model-") as tmp:
+        directory = Path(tmp)
+        artifacts = {"feature_spec": str(spec.save(directory / "feature_spec.json"))}
+        artifacts |= save_predictor(fitted, directory)
+        return mlflow.pyfunc.log_model(
+            name=MODEL_PATH,
+            python_model=str(package / "pyfunc_model.py"),
+            model_config={"kind": kind, "options": dict(options or {})},
+            artifacts=artifacts,
+            code_paths=[str(package)],
+            signature=signature(),
+            input_example=example_request(spec),
+            pip_requirements=requirements(),
+            metadata={"keras_backend": "torch", "workbench_version": workbench.__version__, **(metadata or {})},
+        )
+
+
+def load_risk_model(model_uri: str) -> RiskModel:
+    """The RiskModel behind a ``models:/`` or ``runs:/`` URI, loaded the standard MLflow way."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except MlflowException as exc:
+        raise WorkbenchError(f"model {model_uri}: cannot load it ({exc.message})") from None
