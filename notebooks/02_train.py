@@ -20,9 +20,11 @@
 # sequence, or one of the two references every comparison shows: logistic regression on the
 # most recent values (`logistic`) and, for PBC, the published Mayo risk score (`mayo`, nothing
 # fitted; skipped, with the reason, where its inputs do not exist). Sequence models stop early
-# on the tuning split and keep their best epoch. Everything is evaluated once, on the held-out
-# patients, with patient-level bootstrap CIs, and recorded in MLflow; sequence models are
-# registered under the task's name and the best becomes `champion`.
+# on the tuning split and keep their best epoch; every fitted model's risk is then recalibrated
+# on the tuning split (`recalibration`), and the threshold rule is applied there too. Everything
+# is evaluated once, on the held-out patients, with patient-level bootstrap CIs, and recorded in
+# MLflow; every model is registered under the task's name and the one with the best **tuning**
+# AUROC is `champion` (held-out numbers are only reported, never used to choose).
 #
 # Run on its own, the notebook trains on the cohort of `task`, `data` and `features`
 # (built once, then reused from `runs/cohorts/`); in a pipeline it uses the cohort step's.
@@ -46,8 +48,9 @@ batch_size = 256
 patience = 5
 seed = 0  # TrainConfig.seed and EvalConfig.seed (bootstrap)
 early_stopping_metric = "auroc"
-class_weight = "balanced"
-threshold = 0.5  # EvalConfig
+class_weight = None
+threshold = "youden"  # EvalConfig (a rule is applied on the tuning split)
+recalibration = "platt"
 n_bootstrap = 1000
 ci = 0.95
 n_calibration_bins = 10
@@ -77,7 +80,7 @@ configs = dict(
                              bidirectional=bidirectional, head_units=head_units, learning_rate=learning_rate),
     train_config=TrainConfig(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed,
                              early_stopping_metric=early_stopping_metric, class_weight=class_weight, progress=False),
-    eval_config=EvalConfig(threshold=threshold, n_bootstrap=n_bootstrap, ci=ci, seed=seed, n_calibration_bins=n_calibration_bins,
+    eval_config=EvalConfig(threshold=threshold, recalibration=recalibration, n_bootstrap=n_bootstrap, ci=ci, seed=seed, n_calibration_bins=n_calibration_bins,
                            calibration_strategy=calibration_strategy, age_bands=age_bands),
 )
 result = run_model(model, cohort.tensors, task=cohort.task, cohort_report=cohort.report, data_root=cohort.data_root,

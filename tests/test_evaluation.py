@@ -298,3 +298,39 @@ def test_compare_markdown_has_one_row_per_model():
     lines = markdown.splitlines()
     assert lines[0].startswith("| model | n | n_positive | AUROC |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| lstm", "| gru"]
+
+
+def test_calibration_slope_and_intercept_match_logistic_recalibration_fits():
+    """Slope: the coefficient of logit(p) in a logistic fit; intercept: the constant of the fit that
+    keeps logit(p) as an offset (maximum likelihood, solved here with scipy); an overconfident model
+    (risks pushed away from 0.5) has a slope below 1, a model that overestimates a negative intercept."""
+    from scipy.optimize import brentq
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(3)
+    true_logit = rng.normal(-1.0, 1.5, 3000)
+    y = rng.uniform(size=3000) < 1 / (1 + np.exp(-true_logit))
+    overconfident = 1 / (1 + np.exp(-(2.0 * true_logit + 0.8)))
+    result = evaluate(y, overconfident, EvalConfig(n_bootstrap=200))
+    x = np.log(overconfident / (1 - overconfident))
+    slope = LogisticRegression(C=np.inf).fit(x[:, None], y).coef_[0, 0]
+    intercept = brentq(lambda a: np.sum(y - 1 / (1 + np.exp(-(a + x)))), -10, 10)
+    assert result.metrics["calibration_slope"]["value"] == pytest.approx(slope, rel=1e-4)
+    assert result.metrics["calibration_intercept"]["value"] == pytest.approx(intercept, abs=1e-4)
+    assert 0.45 < slope < 0.55 and intercept < -0.3
+    low, high = result.metrics["calibration_slope"]["ci_low"], result.metrics["calibration_slope"]["ci_high"]
+    assert low < slope < high and high - low < 0.2
+    t = rng.normal(-1.0, 1.5, 20000)
+    calibrated = evaluate(rng.uniform(size=20000) < 1 / (1 + np.exp(-t)), 1 / (1 + np.exp(-t)), EvalConfig(n_bootstrap=0)).metrics
+    assert abs(calibrated["calibration_slope"]["value"] - 1) < 0.06 and abs(calibrated["calibration_intercept"]["value"]) < 0.06
+
+
+def test_reliability_table_has_a_bootstrap_band_around_each_bin():
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.02, 0.98, 2000)
+    y = rng.uniform(size=2000) < p
+    table = evaluate(y, p, EvalConfig(n_bootstrap=300)).calibration
+    assert (table["observed_ci_low"] <= table["observed_fraction"]).all()
+    assert (table["observed_fraction"] <= table["observed_ci_high"]).all()
+    no_ci = evaluate(y, p, EvalConfig(n_bootstrap=0)).calibration
+    assert no_ci["observed_ci_low"].null_count() == no_ci.height

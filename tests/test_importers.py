@@ -28,6 +28,7 @@ from workbench.data.importers import (
     import_static,
     import_wide,
     split_counts,
+    split_strata,
 )
 from workbench.data.meds_io import open_dataset
 from workbench.errors import SourceTableError, WorkbenchError
@@ -278,6 +279,20 @@ def test_splits_are_deterministic_exact_and_order_independent():
     assert dict(first.group_by("split").len().rows()) == {"train": 300, "tuning": 100, "held_out": 100}
     other = assign_splits(ids, config.model_copy(update={"seed": 7}))
     assert (other["split"] != first["split"]).sum() > 100
+
+
+def test_stratified_splits_give_every_split_the_same_share_of_a_code():
+    """A rare outcome (30 of 500 subjects die) lands 18 / 6 / 6 in a 60/20/20 split, not by luck."""
+    ids = list(range(500))
+    dead = set(range(0, 500, 17)[:30])
+    events = pl.DataFrame({"subject_id": ids + sorted(dead), "code": ["VISIT"] * 500 + ["MEDS_DEATH"] * len(dead)})
+    config = SplitConfig(train=0.6, tuning=0.2, held_out=0.2, seed=3, stratify_codes=["MEDS_DEATH"])
+    splits = assign_splits(events["subject_id"], config, split_strata(events, config.stratify_codes))
+    deaths = dict(splits.filter(pl.col("subject_id").is_in(sorted(dead))).group_by("split").len().rows())
+    assert deaths == {"train": 18, "tuning": 6, "held_out": 6}
+    assert dict(splits.group_by("split").len().rows()) == {"train": 300, "tuning": 100, "held_out": 100}
+    plain = assign_splits(events["subject_id"], config.model_copy(update={"stratify_codes": []}))
+    assert splits.height == plain.height and (splits["split"] != plain["split"]).any()
 
 
 def test_split_counts_sum_to_n_and_fractions_must_sum_to_one():

@@ -1,9 +1,12 @@
 """Held-out evaluation: discrimination, calibration and threshold metrics with bootstrap CIs.
 
 ``evaluate(y_true, y_prob)`` returns an :class:`EvaluationResult` holding AUROC, AUPRC,
-Brier score, expected calibration error (ECE) and sensitivity / specificity / PPV / NPV at
-one threshold, each with a percentile bootstrap confidence interval, plus the same metrics
-per subgroup (sex, age band, ...).
+Brier score, expected calibration error (ECE), the calibration slope and intercept (TRIPOD:
+the logistic recalibration ``logit P(y) = a + b logit(p)``; slope ``b`` with ``a`` free,
+calibration-in-the-large ``a`` with ``b`` fixed at 1; a perfectly calibrated model has slope 1
+and intercept 0) and sensitivity / specificity / PPV / NPV at one threshold, each with a
+percentile bootstrap confidence interval, plus the same metrics per subgroup (sex, age band, ...),
+and the reliability table with a bootstrap band for each bin's observed rate.
 
 Point estimates come from scikit-learn. The bootstrap does not call scikit-learn once per
 resample (about 3 ms per resample for AUROC + AUPRC alone, so 1000 resamples times every
@@ -28,6 +31,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import sparse
+from scipy.special import expit
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -44,6 +48,8 @@ METRICS: tuple[str, ...] = (
     "auprc",
     "brier",
     "ece",
+    "calibration_slope",
+    "calibration_intercept",
     "sensitivity",
     "specificity",
     "ppv",
@@ -55,6 +61,8 @@ METRIC_LABELS: dict[str, str] = {
     "auprc": "AUPRC",
     "brier": "Brier score",
     "ece": "ECE",
+    "calibration_slope": "Calibration slope",
+    "calibration_intercept": "Calibration intercept",
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",
     "ppv": "PPV",
@@ -63,6 +71,10 @@ METRIC_LABELS: dict[str, str] = {
 }
 # Metrics with a CI that `metrics` holds: the eight above plus the outcome rate.
 _CI_METRICS: tuple[str, ...] = (*METRICS, "prevalence")
+# Key of the per-bin observed outcome rates among the bootstrap outputs (the reliability band).
+BIN_OBSERVED = "bin_observed"
+# Most distinct logit(p) values a bootstrap calibration fit works with (see _BootstrapDesign).
+_LOGIT_GROUPS = 400
 # Bound on the float64 cells of one block of bootstrap weights (about 40 MB).
 _MAX_BLOCK_CELLS = 5_000_000
 
@@ -73,14 +85,21 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threshold: float | Literal["youden", "prevalence"] = Field(
-        default=0.5,
+        default="youden",
         description=(
-            "Risk at or above which a sample is flagged positive. A number in [0, 1], or "
-            "'youden' (maximises sensitivity + specificity - 1 on the evaluated data) or "
-            "'prevalence' (flags risks at or above the observed outcome rate). Data-driven "
-            "choices are made once on the full evaluated data and held fixed in every "
-            "resample and subgroup; prefer choosing on the tuning split with "
-            "choose_threshold() and passing the number."
+            "Risk at or above which a sample is flagged positive (sensitivity, specificity, PPV, NPV). "
+            "A number in [0, 1], or a rule chosen on the tuning split and then held fixed on held-out: "
+            "'youden' (maximises sensitivity + specificity - 1) or 'prevalence' (flags risks at or above "
+            "the tuning outcome rate). evaluate() called on its own applies a rule to the data it is given."
+        ),
+    )
+    recalibration: Literal["platt", "isotonic", "none"] = Field(
+        default="platt",
+        description=(
+            "Map from a fitted model's risk to a probability, fitted on the tuning split and saved inside the "
+            "model: platt (logistic on the logit; folded into a network's last layer, so SHAP explains the "
+            "calibrated risk), isotonic (a step function applied after the model), or none. The published Mayo "
+            "score is never recalibrated."
         ),
     )
     n_bootstrap: int = Field(
@@ -388,6 +407,55 @@ def _ratio_or_none(numerator: float, denominator: float) -> float | None:
     return float(numerator / denominator) if denominator > 0 else None
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(q / (1 - q))
+
+
+def calibration_fits(pos: np.ndarray, neg: np.ndarray, x: np.ndarray, start: dict | None = None,
+                     iterations: int = 25) -> dict[str, np.ndarray]:
+    """Calibration slope and intercept for each row of weights, by Newton's method on all rows at once.
+
+    ``pos`` / ``neg`` [B, K]: weight of the positives / negatives at each covariate value ``x``
+    [K] (``logit(p)``). Slope: ``b`` of the weighted logistic fit ``logit P(y) = a + b x``.
+    Intercept (calibration-in-the-large): ``a`` of ``logit P(y) = a + x`` (slope held at 1).
+    ``start`` (the fit on the whole set) lets bootstrap rows converge in a few steps. NaN where a
+    fit is undefined (one class) or did not converge (separable data).
+    """
+    pos, neg = np.atleast_2d(pos).astype(np.float64), np.atleast_2d(neg).astype(np.float64)
+    w = pos + neg
+    B = w.shape[0]
+    start = start or {}
+    a = np.full(B, start.get("a", 0.0))
+    b = np.full(B, start.get("calibration_slope", 1.0))
+    c = np.full(B, start.get("calibration_intercept", 0.0))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for _ in range(iterations):
+            # slope model: two parameters per row, 2 x 2 Newton step solved in closed form
+            mu = expit(a[:, None] + b[:, None] * x)
+            v = w * mu * (1 - mu)
+            r = pos - w * mu
+            h00, h01, h11 = v.sum(1), v @ x, v @ (x * x)
+            g0, g1 = r.sum(1), r @ x
+            det = h00 * h11 - h01 * h01
+            step_a, step_b = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+            a, b = a + step_a, b + step_b
+            # intercept model: one parameter, the offset x
+            mu1 = expit(c[:, None] + x)
+            step_c = (pos - w * mu1).sum(1) / (w * mu1 * (1 - mu1)).sum(1)
+            c = c + step_c
+        n_pos, total = pos.sum(1), w.sum(1)
+        bad = (n_pos == 0) | (n_pos == total)
+        converged = (np.abs(step_b) < 1e-4 * (1 + np.abs(b))) & (np.abs(step_c) < 1e-4 * (1 + np.abs(c)))
+        b[bad | ~converged | ~np.isfinite(b)] = np.nan
+        c[bad | ~converged | ~np.isfinite(c)] = np.nan
+    return {"calibration_slope": b, "calibration_intercept": c, "a": a}
+
+
+def _none_if_nan(values: dict[str, np.ndarray]) -> dict[str, float | None]:
+    return {k: (float(v[0]) if np.isfinite(v[0]) else None) for k, v in values.items() if k != "a"}
+
+
 def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float, edges: np.ndarray) -> dict:
     """All metrics on the data as given (scikit-learn); None where a metric is undefined."""
     both_classes = bool(y.any() and not y.all())
@@ -397,6 +465,7 @@ def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float, edges: np.ndar
         "auprc": float(average_precision_score(y, p)) if both_classes else None,
         "brier": float(brier_score_loss(y, p, labels=[False, True])),
         "ece": expected_calibration_error(calibration_table(y, p, edges)),
+        **_none_if_nan(calibration_fits(y.astype(np.float64), 1.0 - y, _logit(p))),
         "sensitivity": _ratio_or_none(tp, tp + fn),
         "specificity": _ratio_or_none(tn, tn + fp),
         "ppv": _ratio_or_none(tp, tp + fp),
@@ -436,6 +505,12 @@ class _BootstrapDesign:
     calibration_bins: sparse.csr_matrix  # [n, bins] one-hot
     positives_by_score: sparse.csr_matrix  # [n, distinct scores] one-hot for y = 1
     negatives_by_score: sparse.csr_matrix  # same for y = 0
+    # Calibration fits in the bootstrap work on logit(p) rounded into at most _LOGIT_GROUPS groups
+    # (widths of about 0.01 on the logit scale): the resampled sums become [B, groups], not [B, n].
+    positives_by_logit: sparse.csr_matrix
+    negatives_by_logit: sparse.csr_matrix
+    logit_groups: np.ndarray  # the mean logit(p) of each group
+    calibration_start: dict  # the calibration fit on the whole set: where each resample's fit starts
 
     @classmethod
     def build(cls, y: np.ndarray, p: np.ndarray, threshold: float, edges: np.ndarray):
@@ -449,7 +524,17 @@ class _BootstrapDesign:
         yf = y.astype(np.float64)
         pos = sparse.csr_matrix((yf, (rows, score_rank)), shape=(n, k))
         neg = sparse.csr_matrix((1.0 - yf, (rows, score_rank)), shape=(n, k))
-        return cls(yf, p, (p >= threshold).astype(np.float64), one_hot_bins, pos, neg)
+        x = _logit(p)
+        fit = calibration_fits(yf, 1.0 - yf, x)
+        start = {k: float(v[0]) for k, v in fit.items() if np.isfinite(v[0])}
+        _, group = np.unique(np.round(x * 100) / 100, return_inverse=True)
+        if group.max() + 1 > _LOGIT_GROUPS:
+            group = np.minimum((np.argsort(np.argsort(x, kind="stable")) * _LOGIT_GROUPS) // n, _LOGIT_GROUPS - 1)
+        g = int(group.max()) + 1
+        pos_g = sparse.csr_matrix((yf, (rows, group)), shape=(n, g))
+        neg_g = sparse.csr_matrix((1.0 - yf, (rows, group)), shape=(n, g))
+        centers = np.bincount(group, weights=x, minlength=g) / np.maximum(np.bincount(group, minlength=g), 1)
+        return cls(yf, p, (p >= threshold).astype(np.float64), one_hot_bins, pos, neg, pos_g, neg_g, centers, start)
 
 
 def _weighted_rank_metrics(
@@ -494,11 +579,15 @@ def weighted_metrics(weights: np.ndarray, design: _BootstrapDesign) -> dict[str,
             "auprc": auprc,
             "brier": (weights @ (p - y) ** 2) / total,
             "ece": np.abs(bin_sum_y - bin_sum_p).sum(axis=1) / total,
+            **calibration_fits(np.asarray((design.positives_by_logit.T @ weights.T).T),
+                               np.asarray((design.negatives_by_logit.T @ weights.T).T),
+                               design.logit_groups, design.calibration_start, iterations=8),
             "sensitivity": tp / n_pos,
             "specificity": tn / (tn + fp),
             "ppv": tp / (tp + fp),
             "npv": tn / (tn + fn),
             "prevalence": n_pos / total,
+            BIN_OBSERVED: bin_sum_y / np.asarray((design.calibration_bins.T @ weights.T).T),
         }
 
 
@@ -518,7 +607,7 @@ def bootstrap_metrics(
     for start in range(0, n_resamples, block):
         size = min(block, n_resamples - start)
         parts.append(weighted_metrics(bootstrap_weights(size, len(y), rng, cluster_codes), design))
-    return {name: np.concatenate([part[name] for part in parts]) for name in _CI_METRICS}
+    return {name: np.concatenate([part[name] for part in parts]) for name in (*_CI_METRICS, BIN_OBSERVED)}
 
 
 def _percentile_interval(values: np.ndarray, ci: float) -> tuple[float | None, float | None, int]:
@@ -563,6 +652,8 @@ def _metrics_with_ci(
         if name in boot and point[name] is not None:
             low, high, n_valid = _percentile_interval(boot[name], config.ci)
         out[name] = {"value": point[name], "ci_low": low, "ci_high": high, "n_valid": n_valid}
+    if BIN_OBSERVED in boot:
+        out[BIN_OBSERVED] = boot[BIN_OBSERVED]
     return out
 
 
@@ -639,9 +730,21 @@ def _subgroup_rows(
             mask = levels == level
             codes = None if cluster is None else _dense_codes(cluster[mask])
             metrics = _metrics_with_ci(y[mask], p[mask], threshold, edges, config, rng, codes)
+            metrics.pop(BIN_OBSERVED, None)
             counts = {"n": int(mask.sum()), "n_positive": int(y[mask].sum())}
             rows.append({"group": group, "level": level, **counts, **_metric_cells(metrics)})
     return rows
+
+
+def _with_band(table: pl.DataFrame, observed: np.ndarray | None, ci: float) -> pl.DataFrame:
+    """The reliability table plus ``observed_ci_low/high``: each bin's bootstrap interval (null without CIs)."""
+    low = np.full(table.height, np.nan)
+    high = np.full(table.height, np.nan)
+    if observed is not None:
+        for i, b in enumerate(table["bin"].to_list()):
+            lo, hi, _ = _percentile_interval(observed[:, b], ci)
+            low[i], high[i] = (np.nan if lo is None else lo), (np.nan if hi is None else hi)
+    return table.with_columns(pl.Series("observed_ci_low", low).fill_nan(None), pl.Series("observed_ci_high", high).fill_nan(None))
 
 
 def evaluate(
@@ -679,10 +782,11 @@ def evaluate(
     rng = np.random.default_rng(config.seed)
     codes = None if cluster_arr is None else _dense_codes(cluster_arr)
     metrics = _metrics_with_ci(y, p, threshold, edges, config, rng, codes)
+    calibration = _with_band(calibration_table(y, p, edges), metrics.pop(BIN_OBSERVED, None), config.ci)
     rows = _subgroup_rows(y, p, threshold, edges, config, groups or {}, cluster_arr, rng)
     return EvaluationResult(
         metrics=metrics,
-        calibration=calibration_table(y, p, edges),
+        calibration=calibration,
         subgroups=pl.DataFrame(rows, schema=_SUBGROUP_SCHEMA),
         n=len(y),
         n_positive=int(y.sum()),

@@ -22,7 +22,8 @@ from workbench.errors import WorkbenchError
 from workbench.evaluation import EvalConfig, EvaluationResult, evaluate, format_with_ci
 from workbench.features import SequenceTensors
 from workbench.files import write_text_atomic
-from workbench.models import MAYO_FORMULA, LogisticReference, ModelConfig, mayo_not_applicable, mayo_risk
+from workbench.calibration import Recalibration, fit_recalibration
+from workbench.models import MAYO_FORMULA, LogisticReference, ModelConfig, fold_platt, mayo_not_applicable, mayo_risk
 from workbench.plots import calibration_plot, pr_curve_plot, roc_curve_plot, training_curves_plot
 from workbench.tasks import TaskSpec, load_task
 from workbench.training import TrainConfig, predict_risk, train
@@ -47,6 +48,7 @@ class FittedModel:
     best_epoch: int | None = None
     seconds: float = 0.0
     options: dict = field(default_factory=dict)  # what the logged predictor needs besides its artifacts
+    recalibration: Recalibration = field(default_factory=Recalibration)  # applied by ``predict`` already
 
 
 @dataclass
@@ -120,6 +122,26 @@ def fit_model(
     raise WorkbenchError(f"unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
 
 
+def recalibrate(fitted: FittedModel, tensors: SequenceTensors, method: str) -> None:
+    """Fit the recalibration map on the tuning split and make ``fitted.predict`` return calibrated risk.
+
+    A Platt map folds into a network's or a logistic regression's last layer (the saved model then
+    outputs calibrated risk by itself); any other map wraps ``predict`` and travels with the model.
+    """
+    tune = tensors.by_split("tuning")
+    recalibration = fit_recalibration(fitted.predict(tune.X), tune.y, method)
+    if recalibration.method == "platt" and fitted.keras_model is not None:
+        fold_platt(fitted.keras_model, recalibration.a, recalibration.b)
+        recalibration.folded = True
+    elif recalibration.method == "platt" and isinstance(fitted.sklearn_model, LogisticReference):
+        fitted.sklearn_model.fold_platt(recalibration.a, recalibration.b)
+        recalibration.folded = True
+    else:
+        raw = fitted.predict
+        fitted.predict = lambda X: recalibration.apply(raw(X))
+    fitted.recalibration = recalibration
+
+
 def subgroups(tensors: SequenceTensors) -> dict[str, np.ndarray]:
     """Sex and age at prediction time of each sample, from the raw static features (when present)."""
     raw_last = tensors.spec.denormalize(tensors.X[:, -1, :])
@@ -141,7 +163,8 @@ def evaluate_held_out(fitted: FittedModel, tensors: SequenceTensors, config: Eva
 
 
 def evaluate_tuning(fitted: FittedModel, tensors: SequenceTensors, config: EvalConfig | None = None) -> EvaluationResult:
-    """Point metrics on the tuning split (what any choice between models may look at)."""
+    """Point metrics on the tuning split (what any choice between models may look at); a threshold
+    rule ('youden', 'prevalence') is resolved here, and the number is what held-out uses."""
     tune = tensors.by_split("tuning")
     risk = np.asarray(fitted.predict(tune.X), dtype=np.float64)
     return evaluate(tune.y, risk, (config or EvalConfig()).model_copy(update={"n_bootstrap": 0}))
@@ -179,7 +202,7 @@ def version_description(task: TaskSpec, kind: str, arch: str, tensors: SequenceT
         f"{arch} predicting {task.name}" + (f" ({task.description.strip()})" if task.description else "") + ". "
         f"Trained on {fit.n_train_samples:,} samples of {fit.n_train_subjects:,} train subjects (data fingerprint "
         f"{fit.data_fingerprint}), {tensors.X.shape[1]} steps of {tensors.spec.config.bin_width} x {tensors.X.shape[2]} features. "
-        f"Tuning AUROC {tuning.metrics['auroc']['value']:.3f}; held-out ({held_out.n_subjects} patients, {held_out.n} samples) "
+        f"Tuning AUROC {tuning.metrics['auroc']['value']:.3f} (the champion rule compares it); held-out ({held_out.n_subjects} patients, {held_out.n} samples) "
         f"AUROC {format_with_ci(held['auroc'], 3)}, AUPRC {format_with_ci(held['auprc'], 3)}, "
         f"Brier {format_with_ci(held['brier'], 3)}, ECE {format_with_ci(held['ece'], 3)}. "
         f"Scores raw MEDS events (subject_id, time, code, numeric_value; optional prediction_time) with "
@@ -205,9 +228,10 @@ def run_model(
 
     Logged: resolved configs as params, per-epoch metrics, tuning metrics, held-out metrics with
     CIs and per subgroup, the data fingerprint, the task spec, the feature spec, the cohort
-    report, plots, held-out predictions and the model (the raw-events pyfunc). Sequence models
-    are registered under the task's name, each version described and tagged; ``champion``
-    moves only to a version with a better held-out AUROC. A reference that does not apply
+    report, plots, held-out predictions, the recalibration map and the model (the raw-events pyfunc,
+    which outputs the calibrated risk). Every kind is registered under the task's name, each
+    version described and tagged; ``champion`` is the version with the best **tuning** AUROC
+    (held-out is evaluated once, after every choice, and only reported). A reference that does not apply
     (see :func:`not_applicable`) is recorded as skipped, with its reason.
     """
     task = load_task(task)
@@ -250,8 +274,13 @@ def run_model(
 
         years = round(horizon_days(task) / 365.25) if kind == "mayo" else 2
         fitted = fit_model(kind, tensors, model_config, train_config, on_epoch_end=log_epoch, mayo_horizon_years=years)
+        # Every choice on the tuning split only: the recalibration map, the threshold, the champion.
+        recalibrate(fitted, tensors, eval_config.recalibration if kind != "mayo" else "none")
         tuning = evaluate_tuning(fitted, tensors, eval_config)
+        eval_config = eval_config.model_copy(update={"threshold": tuning.threshold})
         evaluation, risk = evaluate_held_out(fitted, tensors, eval_config)
+        mlflow.log_dict(fitted.recalibration.model_dump(mode="json"), "calibration/recalibration.json")
+        mlflow.log_param("recalibration", fitted.recalibration.describe()[:500])
         mlflow.log_metrics({f"{TUNING}{k}": v for k, v in tuning.to_flat_dict().items()})
         mlflow.log_metrics(evaluation.to_flat_dict(prefix=HELD_OUT))
         if fitted.best_epoch:
@@ -277,15 +306,16 @@ def run_model(
         info = log_risk_model(fitted, tensors.spec, kind=kind, options=fitted.options,
                               metadata={"task": task.name, "model_kind": kind, "architecture": arch})
         registry = None
-        if kind in SEQUENCE_KINDS and register:
+        if register:
             version_tags = {
                 "task": task.name, "model_kind": kind, "architecture": arch,
                 "data_fingerprint": tensors.spec.fitted_on.data_fingerprint, "run_id": active,
-                **{f"tuning_{m}": f"{tuning.metrics[m]['value']:.4f}" for m in ("auroc", "auprc", "brier", "ece")},
-                **{f"held_out_{m}": f"{evaluation.metrics[m]['value']:.4f}" for m in ("auprc", "brier", "ece")},
+                "recalibration": fitted.recalibration.method,
+                **{f"tuning_{m}": f"{tuning.metrics[m]['value']:.4f}" for m in ("auprc", "brier", "ece")},
+                **{f"held_out_{m}": f"{evaluation.metrics[m]['value']:.4f}" for m in ("auroc", "auprc", "brier", "ece")},
             }
             registry = tracking.register_and_maybe_promote(
-                info.model_uri, task.name, evaluation.metrics["auroc"]["value"],
+                info.model_uri, task.name, tuning.metrics["auroc"]["value"],
                 description=version_description(task, kind, arch, tensors, active, tuning, evaluation), tags=version_tags,
             )
             mlflow.set_tags({"workbench.registered_version": registry["version"],

@@ -22,17 +22,24 @@ from workbench.files import write_parquet_atomic
 
 
 def sequence_network(run_id: str):
-    """The Keras network a sequence model run logged (inside its pyfunc), for SHAP."""
+    """The Keras network a sequence model run logged (inside its pyfunc), for SHAP, and which output
+    SHAP then explains: the calibrated risk the model reports (a Platt map is folded into the
+    network's last layer), or, with an isotonic map, the network's risk before that map."""
     from workbench.serving import KerasPredictor, MODEL_PATH, load_risk_model
 
     kind = model_run_tags(run_id).get(tracking.MODEL_TAG)
     if kind not in SEQUENCE_KINDS:
         raise WorkbenchError(f"run {run_id} is a {kind!r} model: SHAP per time step explains sequence models "
                              f"({', '.join(SEQUENCE_KINDS)}) only")
-    predictor = load_risk_model(f"runs:/{run_id}/{MODEL_PATH}").predictor
-    if not isinstance(predictor, KerasPredictor):
+    model = load_risk_model(f"runs:/{run_id}/{MODEL_PATH}")
+    if not isinstance(model.predictor, KerasPredictor):
         raise WorkbenchError(f"run {run_id}: its model holds no Keras network")
-    return predictor.network
+    recal = model.recalibration
+    if recal.folded or recal.method == "none":
+        output = "the risk the model reports" + (" (calibrated: Platt map folded into the last layer)" if recal.folded else "")
+    else:
+        output = f"the network's risk before its {recal.method} recalibration (SHAP needs gradients; the map is a step function)"
+    return model.predictor.network, output
 
 
 @dataclass
@@ -46,13 +53,15 @@ class ExplanationRun:
     checks: dict  # additivity, reference agreement, deletion test (metrics)
     verdicts: pl.DataFrame  # one row per check: value, threshold, PASS / WARN
     figures: dict
+    explained_output: str = "the risk the model reports"
 
     def summary(self) -> str:
         """One Markdown line: which run, how many patients and times, the overall verdict."""
         failing = self.verdicts.filter(pl.col("verdict") != "PASS")["check"].to_list()
         verdict = "every check PASS" if not failing else f"**WARN** on {', '.join(failing)}"
         return (f"Explained MLflow run `{self.run_id}`: {self.frame['subject_id'].n_unique()} patients, "
-                f"{self.frame.select('subject_id', 'prediction_time').n_unique()} prediction times; {verdict}.")
+                f"{self.frame.select('subject_id', 'prediction_time').n_unique()} prediction times; SHAP explains "
+                f"{self.explained_output}; {verdict}.")
 
     def checks_markdown(self) -> str:
         """The checks as a table: what each measures, its value, threshold and verdict."""
@@ -129,7 +138,7 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
     )
 
     config = config or ExplainConfig()
-    model = sequence_network(run_id)
+    model, explained_output = sequence_network(run_id)
     train_split = tensors.by_split("train")
     background = select_background(train_split.X, train_split.observed, config.n_background, config.seed,
                                    config.background_selection)
@@ -153,7 +162,7 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
     verdicts = check_verdicts(checks, config)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"explain_{k}": float(v) for k, v in checks.items()})
-        mlflow.set_tags(verdict_tags(verdicts))
+        mlflow.set_tags({**verdict_tags(verdicts), "workbench.explain.output": explained_output[:250]})
         mlflow.log_text(verdicts.write_csv(), "explanations/checks.csv")
         # An artifact, not params: a model may be explained again with other settings (params are write-once).
         mlflow.log_dict(config.model_dump(mode="json"), "explanations/config.json")
@@ -161,7 +170,7 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
         mlflow.log_text(by_step.write_csv(), "explanations/by_step.csv")
         mlflow.log_text(by_feature.write_csv(), "explanations/by_feature.csv")
         tracking.log_figures(figs)
-    return ExplanationRun(run_id, frame, by_step, by_feature, checks, verdicts, figs)
+    return ExplanationRun(run_id, frame, by_step, by_feature, checks, verdicts, figs, explained_output)
 
 
 

@@ -209,6 +209,14 @@ def build_model(config: ModelConfig, n_steps: int, n_features: int, seed: int = 
     return model
 
 
+def fold_platt(model: keras.Model, a: float, b: float) -> None:
+    """Fold the Platt map ``sigmoid(a * logit(p) + b)`` into the sigmoid output layer (in place):
+    ``sigmoid(a (w.h + c) + b) = sigmoid((a w).h + (a c + b))``, so the model outputs calibrated risk."""
+    layer = model.get_layer("risk")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel * a, bias * a + b])
+
+
 class LogisticReference:
     """Logistic regression on the last time step's features: the non-sequence baseline.
 
@@ -234,6 +242,11 @@ class LogisticReference:
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Risk [N] of the positive class."""
         return self.model.predict_proba(self.last_step(X))[:, 1]
+
+    def fold_platt(self, a: float, b: float) -> None:
+        """Fold a Platt map into the coefficients: the same linear logit, rescaled and shifted."""
+        self.model.coef_ = self.model.coef_ * a
+        self.model.intercept_ = self.model.intercept_ * a + b
 
 
 # Mayo PBC model (Dickson et al., Hepatology 1989); units: bilirubin mg/dL, albumin g/dL,

@@ -131,10 +131,18 @@ class RiskModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from workbench.features import FeatureSpec
 
+        from workbench.calibration import Recalibration
+
         config = context.model_config or {}
         self.kind = config.get("kind", "")
         self.spec = FeatureSpec.load(context.artifacts["feature_spec"])
         self.predictor = load_predictor(self.kind, context.artifacts, self.spec, config.get("options") or {})
+        path = context.artifacts.get("recalibration")
+        self.recalibration = Recalibration.model_validate_json(Path(path).read_text()) if path else Recalibration()
+
+    def risk(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated risk for normalized tensors X (the recalibration map unless it is in the weights)."""
+        return self.recalibration.apply(self.predictor(X))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from workbench.data.meds_io import EventFrame
@@ -159,7 +167,7 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         return pl.DataFrame({
             "subject_id": tensors.subject_id,
             "prediction_time": tensors.prediction_time,
-            "risk": np.asarray(self.predictor(tensors.X), dtype=np.float64),
+            "risk": np.asarray(self.risk(tensors.X), dtype=np.float64),
         })
 
 
@@ -168,17 +176,21 @@ class RiskModel(mlflow.pyfunc.PythonModel):
 
 def save_predictor(fitted, directory: Path) -> dict[str, str]:
     """Write what ``fitted`` (an experiment.FittedModel) needs to predict; returns pyfunc artifacts."""
+    from workbench.files import write_text_atomic
+
+    artifacts = {"recalibration": str(write_text_atomic(directory / "recalibration.json",
+                                                        fitted.recalibration.model_dump_json(indent=2)))}
     if fitted.keras_model is not None:
         path = directory / "model.keras"
         fitted.keras_model.save(path)
-        return {"keras_model": str(path)}
-    if fitted.sklearn_model is not None:
+        artifacts["keras_model"] = str(path)
+    elif fitted.sklearn_model is not None:
         import joblib
 
         path = directory / "estimator.joblib"
         joblib.dump(fitted.sklearn_model, path)
-        return {"estimator": str(path)}
-    return {}
+        artifacts["estimator"] = str(path)
+    return artifacts
 
 
 class KerasPredictor:

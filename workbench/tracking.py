@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 from workbench.errors import WorkbenchError
 
 CHAMPION = "champion"
-AUROC_TAG = "held_out_auroc"  # registered version tag: the held-out AUROC the champion rule compares
+AUROC_TAG = "tuning_auroc"  # registered version tag: the tuning-split AUROC the champion rule compares
+HELD_OUT_AUROC = "held_out_auroc"  # metric of every evaluated model run (reported, never used to choose)
 # The record of a model run (tags and artifact paths other modules read back).
 TASK_TAG = "workbench.task"
 MODEL_TAG = "workbench.model"
@@ -264,7 +265,7 @@ def runs_table(experiment: str, parent_run_id: str | None = None, run_ids=None, 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise WorkbenchError(f"no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
-    query = f"metrics.{AUROC_TAG} >= 0"
+    query = f"metrics.{HELD_OUT_AUROC} >= 0"
     if parent_run_id:
         query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
     runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=5000, order_by=["attributes.start_time DESC"])

@@ -36,7 +36,9 @@ class TrainConfig(BaseModel):
     )
     patience: int = Field(5, ge=1, le=10_000, description="Epochs without improvement of the metric before stopping.")
     class_weight: Literal["balanced"] | None = Field(
-        "balanced", description="'balanced' weighs each class inversely to its frequency in the train split; null weighs samples equally."
+        None,
+        description="null weighs samples equally (the loss then targets probabilities); 'balanced' weighs each class "
+        "inversely to its frequency in the train split, which inflates every risk (recalibration undoes part of it).",
     )
     progress: bool = Field(True, description="Show a progress bar over epochs with the loss and tuning metrics.")
 

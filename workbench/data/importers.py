@@ -212,6 +212,11 @@ class SplitConfig(_Config):
     tuning: float = Field(0.1, ge=0, le=1, description="Fraction of subjects in tuning.")
     held_out: float = Field(0.1, ge=0, le=1, description="Fraction of subjects in held_out.")
     seed: int = Field(0, ge=0, description="Seed of the subject shuffle (recorded in dataset.json).")
+    stratify_codes: list[str] = Field(
+        default_factory=list,
+        description="Split subjects with and without each of these codes (e.g. [MEDS_DEATH]) separately, so every "
+        "split holds the same share of them and an outcome's prevalence does not differ by the luck of the draw.",
+    )
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> "SplitConfig":
@@ -697,18 +702,30 @@ def split_counts(n: int, config: SplitConfig) -> list[int]:
     return counts.tolist()
 
 
-def assign_splits(subject_ids: pl.Series, config: SplitConfig) -> pl.DataFrame:
+def assign_splits(subject_ids: pl.Series, config: SplitConfig, strata: pl.DataFrame | None = None) -> pl.DataFrame:
     """``subject_id, split`` for each distinct subject: deterministic given the subjects and seed.
 
     Subjects are ordered by a seeded SplitMix64 hash of their id (a shuffle that is the same on
-    every machine and library version) and cut into exact counts from :func:`split_counts`.
+    every machine and library version) and cut into exact counts from :func:`split_counts`; with
+    ``strata`` (``subject_id, stratum``, see :func:`split_strata`) each stratum is cut on its own.
     """
     ids = np.unique(subject_ids.drop_nulls().cast(pl.Int64).to_numpy())
     seed = _splitmix64(np.array([config.seed], dtype=np.uint64))
     keys = _splitmix64(ids.view(np.uint64) ^ seed)
-    order = np.lexsort((ids, keys))
-    labels = np.repeat(np.array(SPLIT_NAMES), split_counts(len(ids), config))
+    group = np.zeros(len(ids), dtype=np.int64)
+    if strata is not None and strata.height:
+        lookup = pl.DataFrame({"subject_id": ids}).join(strata, on="subject_id", how="left", maintain_order="left")
+        group = lookup["stratum"].fill_null(0).to_numpy().astype(np.int64)
+    order = np.lexsort((ids, keys, group))  # by stratum, then by the seeded hash
+    labels = np.concatenate([np.repeat(np.array(SPLIT_NAMES), split_counts(int(n), config))
+                             for n in np.bincount(group[order])[np.unique(group)]]) if len(ids) else np.array([], dtype=str)
     return pl.DataFrame({"subject_id": ids[order], "split": labels}).sort("subject_id")
+
+
+def split_strata(events: pl.DataFrame, codes: list[str]) -> pl.DataFrame:
+    """``subject_id, stratum``: which of ``codes`` each subject has, as bits (0 = none of them)."""
+    bits = [pl.col("code").is_in([c]).any().cast(pl.Int64) * (1 << i) for i, c in enumerate(codes)]
+    return events.group_by("subject_id").agg(pl.sum_horizontal(bits).alias("stratum"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,7 +775,9 @@ def dataset_metadata(config: ImportConfig, splits: pl.DataFrame) -> dict[str, An
         "etl_name": "workbench.data.importers",
         "etl_version": __version__,
         "splits": {
-            "method": "subjects ordered by SplitMix64(subject_id XOR SplitMix64(seed)), cut by largest-remainder counts",
+            "method": "subjects ordered by SplitMix64(subject_id XOR SplitMix64(seed)), cut by largest-remainder counts"
+            + (f", separately within strata of having {config.splits.stratify_codes}" if config.splits.stratify_codes else ""),
+            "stratify_codes": config.splits.stratify_codes,
             "seed": config.splits.seed,
             "fractions": {n: getattr(config.splits, n) for n in SPLIT_NAMES},
             "subjects": {name: counts.get(name, 0) for name in SPLIT_NAMES},
@@ -770,7 +789,8 @@ def dataset_metadata(config: ImportConfig, splits: pl.DataFrame) -> dict[str, An
 def import_dataset(config: ImportConfig, output: str | Path, overwrite: bool = False) -> MedsDataset:
     """Import every table in ``config`` and write the MEDS dataset at ``output`` (atomically)."""
     events, codes = import_tables(config)
-    splits = assign_splits(events["subject_id"], config.splits)
+    strata = split_strata(events, config.splits.stratify_codes) if config.splits.stratify_codes else None
+    splits = assign_splits(events["subject_id"], config.splits, strata)
     return write_dataset(
         output,
         events,
