@@ -17,9 +17,11 @@
 # # 02 · Train and evaluate one risk model
 #
 # `model` picks the architecture: a recurrent network (`lstm`, `gru`, `rnn`) over the patient's
-# sequence, or one of the two references every comparison shows: logistic regression on the
-# most recent values (`logistic`) and, for PBC, the published Mayo risk score (`mayo`, nothing
-# fitted; skipped, with the reason, where its inputs do not exist). Sequence models stop early
+# sequence, or one of the references every comparison shows: a logistic regression on the whole
+# history (`logistic`: last value of every code with a missing flag, ever-present flags, age,
+# sex; C chosen on tuning), gradient-boosted trees on windowed aggregates as MEDS-Tab builds them
+# (`gbt`), and, for PBC, the published Mayo risk score (`mayo`, nothing fitted; skipped, with the
+# reason, where its inputs do not exist). Sequence models stop early
 # on the tuning split and keep their best epoch; every fitted model's risk is then recalibrated
 # on the tuning split (`recalibration`), and the threshold rule is applied there too. Everything
 # is evaluated once, on the held-out patients, with patient-level bootstrap CIs, and recorded in
@@ -32,7 +34,7 @@
 # same name and default (their docstrings say what each does).
 
 # %% tags=["parameters"]
-model = "lstm"  # lstm | gru | rnn | logistic | mayo
+model = "lstm"  # lstm | gru | rnn | logistic | gbt | mayo
 task = "pbc_mortality"  # the cohort when none is handed over (see 01_cohort)
 data = "pbc"
 features = {}
@@ -68,7 +70,7 @@ from IPython.display import Markdown, display
 from workbench import tracking
 from workbench.cohort import cached_cohort, load_cohort
 from workbench.evaluation import EvalConfig
-from workbench.experiment import run_model, save_model_run
+from workbench.experiment import run_model, save_model_run, threshold_markdown
 from workbench.models import ModelConfig
 from workbench.training import TrainConfig
 
@@ -98,8 +100,19 @@ display(Markdown(result.summary()))
 display(Markdown(result.evaluation.to_markdown() if result.evaluation else "Nothing to evaluate."))
 
 # %% [markdown]
+# ## Operating points
+# Sensitivity, specificity, PPV, NPV and the number of patients flagged per true case at fixed
+# risk thresholds, and at the thresholds that reach a sensitivity on the tuning split (held fixed
+# here, as a deployed rule would be). The decision curve below shows the net benefit of acting on
+# the risk at every threshold, against treating everyone or no one.
+
+# %%
+display(Markdown(threshold_markdown(result.thresholds) if result.thresholds is not None else ""))
+
+# %% [markdown]
 # ## Curves
-# ROC and precision-recall curves and the calibration plot on the held-out patients; for
+# ROC and precision-recall curves, the calibration plot (shaded: 95% CI of each bin's observed
+# rate, bootstrap over patients) and the decision curve on the held-out patients; for
 # sequence models also the loss per epoch and the tuning-split metrics that drive early
 # stopping (the dashed line marks the epoch whose weights were kept).
 

@@ -18,15 +18,19 @@
 #
 # SHAP values per time step and feature (expected gradients against a background of train
 # patients) for one sequence model on its held-out patients: by default the best sequence
-# model of the pipeline's sweep (by tuning AUROC), or, run on its own, the task's current
-# `champion`. Padded steps (before a patient's history starts) get no attribution. Every
+# model of the pipeline's sweep (by tuning AUROC), or, run on its own, the task's registered
+# sequence model with the best tuning AUROC (the `champion` when it is one). SHAP explains the risk the model reports: the calibrated probability (the Platt
+# recalibration is folded into the network's last layer, so explaining the network explains the
+# calibrated risk); with `isotonic` recalibration, a step function with no gradient, it explains
+# the network's risk before that map (the summary line says which). Padded steps (before a
+# patient's history starts) get no attribution. Every
 # explanation is checked, each check with its threshold and a PASS / WARN verdict:
 # **additivity** (attributions sum to risk minus base value), agreement with an **exact
 # per-step Shapley reference** on a sample of patients, and a **deletion test** (removing the
 # top-ranked steps must move the risk more than removing random ones).
 
 # %% tags=["parameters"]
-task = "pbc_mortality"  # whose champion is explained when neither run_id nor upstream is given
+task = "pbc_mortality"  # whose best sequence model is explained when neither run_id nor upstream is given
 run_id = None  # the model run to explain
 n_background = 16  # ExplainConfig
 background_selection = "kmeans"

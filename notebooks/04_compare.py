@@ -18,8 +18,10 @@
 #
 # The held-out metrics of a pipeline's models side by side (or, run on its own, the latest run
 # of each model in the task's MLflow experiment), with their confidence intervals, and their
-# ROC, precision-recall and calibration curves overlaid on the same held-out patients.
-# Overlapping intervals mean the held-out set cannot tell the models apart.
+# ROC, precision-recall, calibration and decision curves overlaid on the same held-out patients.
+# Overlapping intervals mean the held-out set cannot tell the models apart; the verdict under the
+# table compares the best sequence model with the best reference (both picked by tuning AUROC)
+# with a paired bootstrap of the AUROC difference.
 
 # %% tags=["parameters"]
 task = "pbc_mortality"  # the MLflow experiment (one per task)
@@ -51,11 +53,28 @@ display(comparison.figures["auroc_forest"])
 display(comparison.figures["roc"], comparison.figures["pr"], comparison.figures["calibration"])
 
 # %% [markdown]
+# ## Net benefit
+# Acting on each model's risk at every threshold probability, against treating everyone or no one.
+
+# %% tags=["figure"]
+display(comparison.figures["decision_curve"])
+
+# %% [markdown]
 # ## All metrics
 # AUROC and AUPRC (higher is better), Brier score and ECE (lower is better).
 
 # %% tags=["figure"]
 display(comparison.figures["metrics"])
+
+# %% [markdown]
+# ## The champion's model report
+# Cohort, outcome, predictors, methods, discrimination and calibration with CIs, operating points,
+# decision curve, the comparison above, explanation checks and limitations, in the order of the
+# TRIPOD+AI checklist: logged to the champion's MLflow run and linked from its registered version.
+
+# %%
+report_run = comparison.write_champion_report()
+display(Markdown(f"Model report: MLflow run `{report_run}`, artifact `report/model_report.html`."))
 
 # %%
 if output_dir:

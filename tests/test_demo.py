@@ -40,7 +40,7 @@ MODEL = "models:/pbc_mortality@champion"
 
 def clean_env(home: Path) -> dict[str, str]:
     """The environment of a user's shell: the project home, and nothing the tests set for themselves."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "KERAS_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KERAS_BACKEND")}
     return {**env, "WORKBENCH_HOME": str(home), "PATH": f"{BIN}:{env.get('PATH', '')}"}
 
 
@@ -99,6 +99,18 @@ def test_demo_runs_the_whole_pipeline(demo):
     assert "held-out" in champion.description and champion.tags["architecture"] in champion.description
     steps = {r.data.tags.get("workbench.step") for r in children}
     assert {"cohort", "train", "explain", "compare"} <= steps
+    # Every kind is registered; the champion has the best tuning AUROC (held-out is never used to choose).
+    versions = mlflow.search_model_versions("name='pbc_mortality'")
+    assert {v.tags["model_kind"] for v in versions} == {"lstm", "gru", "rnn", "logistic", "gbt", "mayo"}
+    assert float(champion.tags["tuning_auroc"]) == max(float(v.tags["tuning_auroc"]) for v in versions)
+    assert "Best sequence model by tuning AUROC" in stdout and "paired bootstrap" in stdout
+    # The champion's model report, linked from its version.
+    assert champion.tags["report"] == f"runs:/{champion.run_id}/report/model_report.html"
+    report = Path(mlflow.download_artifacts(champion.run_id, "report/model_report.html", str(home))).read_text()
+    for heading in ("Title and intended use", "Outcome (item 7)", "Performance (item 23)", "Decision curve",
+                    "Comparison with the references", "Limitations and interpretation"):
+        assert heading in report, heading
+    assert report.count("<img") == 3 and "calibration slope" in report
 
 
 def notebook_images(path: Path) -> tuple[int, list[str]]:
@@ -131,7 +143,7 @@ def test_executed_notebooks_show_every_figure_and_nothing_on_stderr(demo):
         assert images >= 1, path.name
         html = path.with_suffix(".html").read_text()
         assert html.count("<img") == images, f"{path.name}: {images} images in the notebook, {html.count('<img')} in its HTML"
-    assert notebook_images(run_dir / "compare.ipynb")[0] == 5  # forest plot, ROC, PR, calibration, all metrics
+    assert notebook_images(run_dir / "compare.ipynb")[0] == 6  # forest plot, ROC, PR, calibration, decision curve, all metrics
 
 
 def test_rendered_notebooks_in_a_browser(demo, tmp_path):
@@ -220,7 +232,7 @@ def test_mlflow_models_serve_answers_with_the_same_risks(demo, tmp_path):
         served = pl.DataFrame(answer["predictions"])
         bad = {"dataframe_split": {"columns": ["subject_id", "code"], "data": [[1, None]]}}
         status, error = post(f"http://127.0.0.1:{port}/invocations", bad)
-        assert status == 400 and "code" in error["message"], error
+        assert status == 400 and "'code' is null" in error["message"], error
     finally:
         stop_process_group(server)
     events.write_parquet(tmp_path / "five.parquet")
@@ -250,5 +262,7 @@ def test_each_notebook_runs_on_its_own_with_plain_papermill(demo, tmp_path, name
         new = [r for r in mlflow.search_runs([exp.experiment_id], max_results=500) if r.info.run_id not in before]
         assert [r.data.tags["workbench.model"] for r in new] == ["lstm"] and "held_out_auroc" in new[0].data.metrics
     if name == "03_explain":
-        champion = mlflow.get_model_version_by_alias("pbc_mortality", "champion")
-        assert champion.run_id in text and mlflow.get_run(champion.run_id).data.tags["workbench.explain.verdict"]
+        from workbench import tracking
+
+        best = tracking.best_version(mlflow, "pbc_mortality", kinds=("lstm", "gru", "rnn"))
+        assert best.run_id in text and mlflow.get_run(best.run_id).data.tags["workbench.explain.verdict"]

@@ -334,3 +334,61 @@ def test_reliability_table_has_a_bootstrap_band_around_each_bin():
     assert (table["observed_fraction"] <= table["observed_ci_high"]).all()
     no_ci = evaluate(y, p, EvalConfig(n_bootstrap=0)).calibration
     assert no_ci["observed_ci_low"].null_count() == no_ci.height
+
+
+def test_paired_auroc_difference_is_tighter_than_separate_intervals():
+    from workbench.evaluation import paired_auroc_difference
+
+    rng = np.random.default_rng(5)
+    n = 600
+    subject = rng.integers(0, 200, n)
+    signal = rng.normal(size=n)
+    y = rng.uniform(size=n) < 1 / (1 + np.exp(-2 * signal))
+    a = 1 / (1 + np.exp(-(signal + 0.3 * rng.normal(size=n))))
+    b = 1 / (1 + np.exp(-(signal + 0.6 * rng.normal(size=n))))  # the same signal, noisier
+    config = EvalConfig(n_bootstrap=500)
+    diff = paired_auroc_difference(y, a, b, config, cluster=subject)
+    ea, eb = (evaluate(y, p, config, cluster=subject).metrics["auroc"] for p in (a, b))
+    assert diff["value"] == pytest.approx(ea["value"] - eb["value"])
+    assert diff["ci_low"] > 0 and diff["p_a_better"] > 0.975  # a is better, and the pairing shows it
+    assert ea["ci_low"] < eb["ci_high"]  # while the separate intervals overlap
+    same = paired_auroc_difference(y, a, a, config)
+    assert same["value"] == 0 and same["ci_low"] == same["ci_high"] == 0
+
+
+def test_decision_curve_net_benefit_by_hand():
+    """Net benefit from the confusion counts at each threshold (Vickers & Elkin 2006, eq. 1)."""
+    from sklearn.metrics import confusion_matrix
+
+    from workbench.evaluation import decision_curve
+
+    rng = np.random.default_rng(6)
+    p = rng.uniform(0, 1, 400)
+    y = rng.uniform(size=400) < p
+    curve = decision_curve(y, p, thresholds=[0.1, 0.25, 0.5])
+    for row in curve.iter_rows(named=True):
+        t = row["threshold"]
+        tn, fp, fn, tp = confusion_matrix(y, p >= t).ravel()
+        assert row["net_benefit"] == pytest.approx(tp / 400 - fp / 400 * t / (1 - t))
+        assert row["net_benefit_treat_all"] == pytest.approx(y.mean() - (1 - y.mean()) * t / (1 - t))
+    # a calibrated, informative model beats treating everyone once the threshold is not tiny
+    full = decision_curve(y, p).filter(pl.col("threshold") >= 0.1)
+    assert (full["net_benefit"] > full["net_benefit_treat_all"]).all() and (full["net_benefit"] > 0).all()
+    with pytest.raises(WorkbenchError):
+        decision_curve(y, p, thresholds=[0.0, 0.5])
+
+
+def test_threshold_table_holds_a_tuning_threshold_fixed():
+    from workbench.evaluation import threshold_table
+
+    rng = np.random.default_rng(7)
+    p = rng.uniform(0, 1, 1000)
+    y = rng.uniform(size=1000) < p
+    table = threshold_table(y[500:], p[500:], tuning=(y[:500], p[:500]))
+    row = table.filter(pl.col("rule") == "sensitivity 90% on tuning").row(0, named=True)
+    reached = (p[:500][y[:500]] >= row["threshold"]).mean()
+    assert 0.9 <= reached < 0.9 + 1 / y[:500].sum() + 1e-9  # the target is met on tuning, just
+    fixed = table.filter(pl.col("rule") == "risk >= 0.20").row(0, named=True)
+    flagged = p[500:] >= 0.2
+    assert fixed["ppv"] == pytest.approx(y[500:][flagged].mean())
+    assert fixed["number_needed_to_evaluate"] == pytest.approx(1 / fixed["ppv"])

@@ -24,7 +24,7 @@ US = dt.timedelta(microseconds=1)
 
 HAND_CONFIG = ft.FeatureConfig(
     bin_width="1d", n_steps=3, numeric_aggs=["last", "mean"], min_code_frequency=1,
-    add_missing_indicators=True, add_time_since_last=True,
+    add_missing_indicators=True, add_time_since_last=True, add_history=False,
 )
 HAND_FEATURES = [
     "LAB//a/last", "LAB//a/mean", "LAB//a/missing", "LAB//a/time_since", "DX//x/count",
@@ -128,6 +128,31 @@ def test_hand_computed_fixture(hand):
     np.testing.assert_array_equal(st.step_end_time, np.tile(ends, (3, 1)))
     # denormalize gives the raw values back (where not padded), for explanations
     np.testing.assert_allclose(spec.denormalize(st.X)[1], np.where(np.isnan(raw[1]), med, raw[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_history_channels_reach_back_before_the_window(hand):
+    """ever / days since first / days since last of a count code, by hand: subject 2's diagnosis of
+    Jan 6 12:00 lies before the 3-day window and still shows; subject 1's starts at Jan 9 00:00."""
+    with pytest.warns(ft.UnseenCodesWarning):
+        spec, st = ft.fit_transform(hand, hand_labels(), HAND_CONFIG.model_copy(update={"add_history": True}))
+    names = st.feature_names
+    assert names[names.index("DX//x/count") + 1:names.index("DX//x/count") + 4] == [
+        "DX//x/ever", "DX//x/days_since_first", "DX//x/days_since_last"]
+    raw = spec.denormalize(st.X)
+    get = lambda sample, name: raw[sample, :, names.index(name)]  # noqa: E731
+    # subject 2 (not padded anywhere: its lab of Jan 1 precedes the window)
+    np.testing.assert_allclose(get(1, "DX//x/ever"), [1, 1, 1])
+    np.testing.assert_allclose(get(1, "DX//x/days_since_first"), [1.5, 2.5, 3.5], rtol=1e-5)
+    np.testing.assert_allclose(get(1, "DX//x/days_since_last"), [1.5, 2.5, 3.5], rtol=1e-5)
+    # subject 1: the diagnosis at Jan 9 00:00 (end of step 1) and again at the prediction time
+    np.testing.assert_allclose(get(0, "DX//x/ever")[1:], [1, 1])
+    np.testing.assert_allclose(get(0, "DX//x/days_since_first")[1:], [0, 1], atol=1e-5)
+    np.testing.assert_allclose(get(0, "DX//x/days_since_last")[1:], [0, 0], atol=1e-5)
+    # subject 3 (held out): first at Jan 8 12:00, last at 13:00, both in step 1
+    np.testing.assert_allclose(get(2, "DX//x/ever")[1:], [1, 1])
+    np.testing.assert_allclose(get(2, "DX//x/days_since_first")[1:], [0.5, 1.5], rtol=1e-5)
+    np.testing.assert_allclose(get(2, "DX//x/days_since_last")[1:], [11 / 24, 1 + 11 / 24], rtol=1e-5)
+    assert spec.mean[names.index("DX//x/ever")] == 0.0 and spec.std[names.index("DX//x/ever")] == 1.0  # an indicator
 
 
 def test_min_max_aggregations_and_frequency_selection(tmp_path):
@@ -287,7 +312,7 @@ def test_cli_fit_then_transform(tmp_path, hand):
     args = ["features", "--data", str(hand.root), "--labels", str(tmp_path / "labels.parquet")]
     result = runner.invoke(app, args + ["--config", str(tmp_path / "f.yaml"), "--out", str(tmp_path / "fit")])
     assert result.exit_code == 0, result.output
-    assert "X [3, 3, 6]" in result.output and "DX//new" in result.output  # the unseen-code warning
+    assert "X [3, 3, 9]" in result.output and "DX//new" in result.output  # the unseen-code warning
     result = runner.invoke(app, args + ["--spec", str(tmp_path / "fit" / ft.SPEC_FILE), "--out", str(tmp_path / "tr")])
     assert result.exit_code == 0, result.output
     a, b = ft.SequenceTensors.load(tmp_path / "fit"), ft.SequenceTensors.load(tmp_path / "tr")

@@ -132,17 +132,61 @@ def test_trained_model_saves_and_loads_in_a_fresh_process(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), expected)
 
 
-def test_logistic_reference_uses_only_the_last_step():
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(400, T, F)).astype(np.float32)
-    y = (X[:, -1, 0] + 0.3 * rng.normal(size=400) > 0).astype(int)
-    ref = LogisticReference().fit(X, y)
-    risk = ref.predict_proba(X)
-    assert risk.shape == (400,)
-    assert np.mean((risk > 0.5) == y) > 0.85
-    X_earlier_changed = X.copy()
-    X_earlier_changed[:, :-1, :] = 0.0
-    np.testing.assert_array_equal(ref.predict_proba(X_earlier_changed), risk)
+def tabular_problem(n: int = 1200, seed: int = 1):
+    """Tabular features as workbench.tabular names them: the outcome follows an old diagnosis
+    (seen only through its whole-history count) and the last value of a lab, sometimes missing."""
+    rng = np.random.default_rng(seed)
+    names = ["LAB//a/last@30d", "LAB//a/mean@30d", "LAB//a/last@full", "LAB//a/count@full",
+             "DX//x/count@30d", "DX//x/count@full", "static/age_years", "static/SEX//F"]
+    X = np.full((n, len(names)), np.nan, dtype=np.float32)
+    lab = rng.normal(size=n)
+    seen = rng.uniform(size=n) < 0.8
+    X[seen, 2] = lab[seen]
+    X[:, 3] = seen
+    X[:, 0] = np.where(rng.uniform(size=n) < 0.3, X[:, 2], np.nan)
+    X[:, 1] = rng.normal(size=n)  # noise, and not an input of the logistic reference
+    old_dx = rng.uniform(size=n) < 0.3
+    X[:, 4], X[:, 5] = 0, old_dx * rng.integers(1, 4, n)
+    X[:, 6], X[:, 7] = rng.uniform(40, 80, n), rng.uniform(size=n) < 0.5
+    logit = -2 + 2.5 * old_dx + 1.2 * np.where(seen, lab, 0)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(int)
+    return X, y, names
+
+
+def test_logistic_reference_reads_the_whole_history_and_chooses_c_on_tuning():
+    from sklearn.metrics import roc_auc_score
+
+    X, y, names = tabular_problem()
+    ref = LogisticReference(names).fit(X[:800], y[:800], X[800:1000], y[800:1000])
+    assert ref.names == ["LAB//a/last@full", "static/age_years", "static/SEX//F", "LAB//a/last@full/missing",
+                         "static/age_years/missing", "DX//x/ever"]
+    assert ref.C in LogisticReference.C_GRID and ref.tuning_auroc == pytest.approx(
+        roc_auc_score(y[800:1000], ref.predict_proba(X[800:1000])))
+    assert roc_auc_score(y[1000:], ref.predict_proba(X[1000:])) > 0.75  # the old diagnosis counts
+    noise = X.copy()
+    noise[:, [0, 1, 4]] = 123.0  # window aggregates are not its inputs
+    np.testing.assert_array_equal(ref.predict_proba(noise), ref.predict_proba(X))
+    from workbench.calibration import Recalibration
+
+    before = ref.predict_proba(X)
+    ref.fold_platt(0.7, -0.4)
+    np.testing.assert_allclose(ref.predict_proba(X), Recalibration(method="platt", a=0.7, b=-0.4).apply(before), rtol=1e-9)
+
+
+def test_gradient_boosted_reference_stops_on_tuning_and_saves_as_text(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from workbench.models import GradientBoostedReference
+
+    X, y, _ = tabular_problem()
+    gbt = GradientBoostedReference(seed=3).fit(X[:800], y[:800], X[800:1000], y[800:1000])
+    assert 0 < gbt.booster.best_iteration < gbt.max_rounds
+    assert roc_auc_score(y[1000:], gbt.predict_proba(X[1000:])) > 0.75
+    gbt.save(tmp_path / "gbt.txt")
+    assert (tmp_path / "gbt.txt").read_text().startswith("tree")
+    np.testing.assert_allclose(GradientBoostedReference.load(tmp_path / "gbt.txt").predict_proba(X), gbt.predict_proba(X))
+    again = GradientBoostedReference(seed=3).fit(X[:800], y[:800], X[800:1000], y[800:1000])
+    np.testing.assert_array_equal(again.predict_proba(X), gbt.predict_proba(X))  # deterministic
 
 
 def test_mayo_score_matches_the_published_formula():

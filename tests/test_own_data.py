@@ -43,7 +43,7 @@ def test_generic_pipeline_on_own_data_and_labels_then_explain(tmp_path):
     home, user = tmp_path / "home", tmp_path / "user"
     home.mkdir()
     user.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "KERAS_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KERAS_BACKEND")}
     env |= {"WORKBENCH_HOME": str(home), "HOME": str(user), "PATH": f"{BIN}:{env.get('PATH', '')}"}
 
     def workbench(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -65,14 +65,16 @@ def test_generic_pipeline_on_own_data_and_labels_then_explain(tmp_path):
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     by_model = {r.data.tags.get("workbench.model"): r for r in runs if "workbench.model" in r.data.tags}
-    assert set(by_model) == {"lstm", "gru", "logistic", "mayo"}
+    assert set(by_model) == {"lstm", "gru", "logistic", "gbt", "mayo"}
     assert "workbench.skipped" in by_model["mayo"].data.tags and "held_out_auroc" not in by_model["mayo"].data.metrics
     assert "held_out_auroc" in by_model["logistic"].data.metrics
     for kind in ("lstm", "gru"):
         assert by_model[kind].data.metrics["held_out_auroc"] > 0.7, kind  # the planted event is learnable
-    champion = client.get_model_version_by_alias("death_1y", "champion")
+    from workbench.tracking import best_version
 
-    explained = workbench("explain", "--run", champion.run_id, "--max-samples", "40")
+    assert client.get_model_version_by_alias("death_1y", "champion").tags["model_kind"] in by_model
+    best = best_version(client, "death_1y", kinds=("lstm", "gru"))  # the sequence model a user explains
+    explained = workbench("explain", "--run", best.run_id, "--max-samples", "40")
     assert "40 samples explained" in explained.stdout and ("PASS" in explained.stdout or "WARN" in explained.stdout)
-    tags = client.get_run(champion.run_id).data.tags
+    tags = client.get_run(best.run_id).data.tags
     assert tags["workbench.explain.verdict"] in ("PASS", "WARN")

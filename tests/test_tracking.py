@@ -38,7 +38,7 @@ def pbc_runs(tmp_path_factory):
     runs = {
         kind: run_model(kind, tensors, task=TASK, model_config=ModelConfig(units=16), train_config=train,
                         cohort_report=labels.report, data_root=str(root))
-        for kind in ("lstm", "gru", "rnn", "logistic", "mayo")
+        for kind in ("lstm", "gru", "rnn", "logistic", "gbt", "mayo")
     }
     yield home, root, tensors, runs
     for k, v in old.items():
@@ -78,17 +78,38 @@ def test_runs_read_back_through_the_client(pbc_runs):
             history = client.get_metric_history(run.info.run_id, "tune_auroc")
             assert [m.step for m in history] == list(range(1, len(history) + 1)) and len(history) >= 2
             assert "plots/training_curves.png" in plots
-            assert model_run.registry is not None
-        if kind != "mayo":
-            assert client.get_logged_model(run.outputs.model_outputs[0].model_id).name == "model"
+        assert model_run.registry is not None
+        assert client.get_logged_model(run.outputs.model_outputs[0].model_id).name == "model"
+        for metric in ("calibration_slope", "calibration_intercept"):
+            assert metrics[f"held_out_{metric}_ci_low"] <= metrics[f"held_out_{metric}"] <= metrics[f"held_out_{metric}_ci_high"]
+        assert {"evaluation/thresholds.csv", "evaluation/decision_curve.csv"} <= {
+            a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+
+
+def test_every_kind_scores_raw_events_like_its_logged_held_out_predictions(pbc_runs):
+    """The pyfunc of each kind (sequence, tabular references, Mayo), loaded the standard way, gives the
+    risks the run evaluated: the calibrated ones (the recalibration travels with the model)."""
+    import mlflow
+
+    home, root, tensors, runs = pbc_runs
+    held = tensors.by_split("held_out")
+    times = pl.DataFrame({"subject_id": held.subject_id, "prediction_time": held.prediction_time})
+    events = pl.concat([pl.read_parquet(root / "data" / "*.parquet"), times], how="diagonal_relaxed")  # request rows
+    for kind, model_run in runs.items():
+        model = mlflow.pyfunc.load_model(f"runs:/{model_run.run_id}/model")
+        scored = pl.from_pandas(model.predict(events.to_pandas())).sort("subject_id", "prediction_time")
+        expected = pl.DataFrame({"subject_id": held.subject_id, "prediction_time": held.prediction_time,
+                                 "risk": model_run.risk}).sort("subject_id", "prediction_time")
+        assert scored.height == expected.height, kind
+        np.testing.assert_allclose(scored["risk"].to_numpy(), expected["risk"].to_numpy(), rtol=2e-5, atol=1e-6, err_msg=kind)
 
 
 def test_champion_is_the_best_registered_version(pbc_runs):
     _, _, _, runs = pbc_runs
     client = MlflowClient(tracking.tracking_uri())
     versions = client.search_model_versions(f"name='{TASK}'")
-    assert len(versions) == 3  # the three sequence models
-    by_auroc = {float(v.tags[tracking.AUROC_TAG]): int(v.version) for v in versions}
+    assert len(versions) == 6  # every kind is registered, references included
+    by_auroc = {float(v.tags[tracking.AUROC_TAG]): int(v.version) for v in versions}  # tuning AUROC
     champion = client.get_model_version_by_alias(TASK, tracking.CHAMPION)
     assert int(champion.version) == by_auroc[max(by_auroc)]
     # A new version that does not beat the champion leaves the alias where it is ...

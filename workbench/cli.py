@@ -329,6 +329,43 @@ def explain(
                   f"(threshold {escape(row['threshold'])})", highlight=False, soft_wrap=True)
 
 
+@app.command("crossval")
+@reports_errors
+def crossval_command(
+    task: str = typer.Option("pbc_mortality", "--task", help="Task: a shipped name, a task YAML or a labels parquet"),
+    data: str = typer.Option("pbc", "--data", help="A bundled dataset name or a MEDS directory"),
+    models: str = typer.Option("lstm,gru,rnn,logistic,gbt,mayo", "--models", help="Comma-separated model kinds"),
+    folds: int = typer.Option(5, "--folds", help="Subject-level folds (held out one, tune on the next, train on the rest)"),
+    param: Optional[list[str]] = typer.Option(
+        None, "-p", "--param", help="A ModelConfig / TrainConfig / EvalConfig field, or features={...}: key=value (repeatable)"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fold assignment"),
+) -> None:
+    """Cross-validate models by subject: pooled out-of-fold AUROC, ECE, calibration slope and intercept with CIs."""
+    from rich.table import Table
+
+    from workbench.config import split_settings
+    from workbench.crossval import cross_validate
+    from workbench.evaluation import EvalConfig, format_with_ci
+    from workbench.models import ModelConfig
+    from workbench.pipelines import parse_overrides
+    from workbench.training import TrainConfig
+
+    settings = parse_overrides(param)
+    features = settings.pop("features", None)
+    configs = split_settings(settings, {"model_config": ModelConfig, "train_config": TrainConfig, "eval_config": EvalConfig})
+    kinds = tuple(k.strip() for k in models.split(",") if k.strip())
+    with console.status("cross-validating") as status:
+        result = cross_validate(task, data, kinds, folds, features=features, seed=seed, progress=status.update, **configs)
+    names = {"calibration_slope": "slope", "calibration_intercept": "intercept"}
+    metrics = ("auroc", "auprc", "brier", "ece", "calibration_slope", "calibration_intercept")
+    table = Table(title=f"{result.task}: {folds}-fold cross-validation by subject, pooled out-of-fold (95% CIs)")
+    for column in ("model", *(names.get(m, m.upper()) for m in metrics), "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for kind, evaluation in sorted(result.evaluations.items(), key=lambda kv: -kv[1].metrics["auroc"]["value"]):
+        table.add_row(kind, *(format_with_ci(evaluation.metrics[m], 3) for m in metrics), result.run_ids.get(kind, ""))
+    stdout_console().print(table)
+
+
 # --- schedule commands ---
 
 schedule_app = typer.Typer(no_args_is_help=True, help="Cron schedules that rerun pipelines (run by `workbench scheduler`).")
@@ -524,27 +561,32 @@ def print_pipeline_result(result) -> None:
 
 
 def print_models(result) -> None:
-    """The held-out metrics of the models a pipeline trained (cached ones included), best AUROC first."""
+    """The held-out metrics of the models a pipeline trained (cached ones included), best AUROC first,
+    and whether the best sequence model beats the best reference (both picked on tuning)."""
     from rich.table import Table
 
-    from workbench.comparison import METRICS, train_run_ids
+    from workbench.comparison import METRICS, sequence_vs_reference, train_run_ids
     from workbench.evaluation import format_with_ci
-    from workbench.tracking import runs_table
+    from workbench.tracking import held_out_predictions, runs_table
 
     handed = train_run_ids({"train": [r.output_dir for r in result.step("train")]})
     if not handed:
         return
     models = runs_table(result.experiment, run_ids=handed[0])
     table = Table(title=f"held-out metrics, 95% CIs from a bootstrap over patients (experiment {result.experiment})")
-    for column in ("model", *(m.upper() for m in METRICS), "MLflow run"):
+    for column in ("model", "tuning AUROC", *(m.upper() for m in METRICS), "MLflow run"):
         table.add_column(column, overflow="fold")
     for row in models.iter_rows(named=True):
         cells = [format_with_ci({"value": row[m], "ci_low": row[f"{m}_ci_low"], "ci_high": row[f"{m}_ci_high"]}, 3) for m in METRICS]
-        table.add_row(escape(row["model"]), *cells, row["run_id"])
+        tuning = "" if row["tuning_auroc"] is None else f"{row['tuning_auroc']:.3f}"
+        table.add_row(escape(row["model"]), tuning, *cells, row["run_id"])
     out = stdout_console()
     out.print(table)
     for kind, reason in handed[1].items():
         out.print(f"{escape(kind)}: not fitted ({escape(reason)})", highlight=False, soft_wrap=True)
+    verdict = sequence_vs_reference(models, held_out_predictions(models)) if models.height else None
+    if verdict:
+        out.print(escape(verdict["sentence"]), highlight=False, soft_wrap=True)
 
 
 @app.command("run")

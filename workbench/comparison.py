@@ -24,18 +24,28 @@ METRICS = ("auroc", "auprc", "brier", "ece")
 
 @dataclass
 class Comparison:
-    """The compared runs (a ``tracking.runs_table``), the models that were skipped, and the plots."""
+    """The compared runs (a ``tracking.runs_table``), the models that were skipped, the verdict of the
+    best sequence model against the best reference, and the plots."""
 
     task: str
     table: pl.DataFrame
     skipped: dict[str, str]  # model kind -> why it was not fitted
     figures: dict
+    verdict: dict | None = None  # see sequence_vs_reference
 
     def markdown(self) -> str:
         lines = tracking.runs_markdown(self.table, METRICS)
         for kind, reason in self.skipped.items():
             lines += f"\n`{kind}` was not fitted: {reason}.\n"
+        if self.verdict:
+            lines += f"\n**{self.verdict['sentence']}**\n"
         return lines
+
+    def write_champion_report(self) -> str:
+        """The champion's model report (Markdown + HTML) into its run, linked from its version; the run id."""
+        from workbench.report import log_champion_report
+
+        return log_champion_report(self.task, self)
 
     def save(self, directory) -> None:
         write_text_atomic(Path(directory) / "comparison.csv", self.table.write_csv())
@@ -44,6 +54,9 @@ class Comparison:
         """The table and the plots as artifacts of ``run_id`` (a pipeline's compare step)."""
         with mlflow.start_run(run_id=run_id):
             mlflow.log_text(self.table.write_csv(), "comparison/models.csv")
+            if self.verdict:
+                mlflow.log_dict(self.verdict, "comparison/sequence_vs_reference.json")
+                mlflow.log_metric("auroc_difference_sequence_vs_reference", self.verdict["value"])
             tracking.log_figures(self.figures, "comparison")
 
 
@@ -60,7 +73,14 @@ def train_run_ids(upstream: dict | None) -> tuple[list[str], dict[str, str]] | N
 
 def compare_runs(task: str, upstream: dict | None = None) -> Comparison:
     """Compare a pipeline's models (``upstream``), or the latest run of each model of ``task``."""
-    from workbench.plots import auroc_forest_plot, calibration_plot, metric_comparison_plot, pr_curve_plot, roc_curve_plot
+    from workbench.plots import (
+        auroc_forest_plot,
+        calibration_plot,
+        decision_curve_plot,
+        metric_comparison_plot,
+        pr_curve_plot,
+        roc_curve_plot,
+    )
     from workbench.tasks import task_name
 
     tracking.setup()
@@ -72,12 +92,41 @@ def compare_runs(task: str, upstream: dict | None = None) -> Comparison:
         table, skipped = tracking.runs_table(name, run_ids=handed[0]), handed[1]
     if table.height == 0:
         raise WorkbenchError(f"experiment {name!r} at {tracking.tracking_uri()} has no evaluated model run to compare")
-    curves = tracking.held_out_predictions(table)
+    predictions = tracking.held_out_predictions(table)
+    curves = {m: (f["label"].to_numpy(), f["risk"].to_numpy()) for m, f in predictions.items()}
     figures = {
         "auroc_forest": auroc_forest_plot(table, title=f"{name}: held-out AUROC with 95% CIs"),
         "roc": roc_curve_plot(curves, title=f"{name}: ROC, held-out"),
         "pr": pr_curve_plot(curves, title=f"{name}: precision-recall, held-out"),
         "calibration": calibration_plot(curves, title=f"{name}: calibration, held-out"),
+        "decision_curve": decision_curve_plot(curves, title=f"{name}: decision curve, held-out"),
         "metrics": metric_comparison_plot(table),
     }
-    return Comparison(name, table, skipped, figures)
+    return Comparison(name, table, skipped, figures, sequence_vs_reference(table, predictions))
+
+
+def sequence_vs_reference(table: pl.DataFrame, predictions: dict[str, pl.DataFrame]) -> dict | None:
+    """Does the sequence model beat the best reference? Both are picked by **tuning** AUROC (the
+    held-out split is not used to choose), then compared on held-out with a paired patient-level
+    bootstrap of the AUROC difference."""
+    from workbench.evaluation import EvalConfig, paired_auroc_difference
+    from workbench.experiment import SEQUENCE_KINDS
+
+    ranked = table.filter(pl.col("tuning_auroc").is_not_null()).sort("tuning_auroc", descending=True)
+    sequence = ranked.filter(pl.col("model").is_in(list(SEQUENCE_KINDS)))
+    references = ranked.filter(~pl.col("model").is_in(list(SEQUENCE_KINDS)))
+    if sequence.height == 0 or references.height == 0:
+        return None
+    a, b = sequence["model"][0], references["model"][0]
+    joined = predictions[a].join(predictions[b], on=["subject_id", "prediction_time"], suffix="_b")
+    diff = paired_auroc_difference(joined["label"], joined["risk"], joined["risk_b"], EvalConfig(), cluster=joined["subject_id"].to_numpy())
+    ci = f"{diff['value']:+.3f} (95% CI {diff['ci_low']:+.3f} to {diff['ci_high']:+.3f})"
+    if diff["ci_low"] > 0:
+        outcome = f"{a} beats {b}"
+    elif diff["ci_high"] < 0:
+        outcome = f"{a} is worse than {b}"
+    else:
+        outcome = f"the held-out patients cannot tell {a} and {b} apart"
+    sentence = (f"Best sequence model by tuning AUROC: {a}; best reference: {b}. Held-out AUROC difference "
+                f"{a} - {b}: {ci}, paired bootstrap over {joined['subject_id'].n_unique()} patients: {outcome}.")
+    return {"sequence": a, "reference": b, **diff, "sentence": sentence}

@@ -47,3 +47,24 @@ def load_yaml_config(cls, path):
         return cls.model_validate(data or {})
     except ValidationError as exc:
         raise WorkbenchError(validation_message(str(path), exc)) from None
+
+
+def split_settings(settings: dict, configs: dict) -> dict:
+    """``{"units": 32, "epochs": 5}`` as validated configs by field name, e.g. ``{"model_config":
+    ModelConfig(units=32), "train_config": TrainConfig(epochs=5)}``; a key no config has is an error."""
+    from pydantic import ValidationError
+
+    from workbench.errors import WorkbenchError
+
+    unknown = [k for k in settings if not any(k in c.model_fields for c in configs.values())]
+    if unknown:
+        fields = sorted({f for c in configs.values() for f in c.model_fields})
+        raise WorkbenchError(f"-p {', '.join(unknown)}: not a field of {', '.join(c.__name__ for c in configs.values())} "
+                             f"(fields: {', '.join(fields)})")
+    out = {}
+    for name, cls in configs.items():
+        try:
+            out[name] = cls(**{k: v for k, v in settings.items() if k in cls.model_fields})
+        except ValidationError as exc:
+            raise WorkbenchError(validation_message(f"-p ({cls.__name__})", exc)) from None
+    return out

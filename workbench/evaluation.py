@@ -226,13 +226,16 @@ class EvaluationResult:
 
 
 def format_with_ci(entry: dict, digits: int = 2) -> str:
-    """``"0.83 (0.78-0.88)"``; ``"0.83"`` without a CI; ``"n/a"`` when undefined."""
+    """``"0.83 (0.78-0.88)"``, ``"-0.20 (-0.46 to 0.06)"`` when a bound is negative; ``"0.83"``
+    without a CI; ``"n/a"`` when undefined."""
     value = entry.get("value")
     if value is None:
         return "n/a"
     text = f"{value:.{digits}f}"
-    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
-        text += f" ({entry['ci_low']:.{digits}f}-{entry['ci_high']:.{digits}f})"
+    low, high = entry.get("ci_low"), entry.get("ci_high")
+    if low is not None and high is not None:
+        joiner = " to " if low < 0 or high < 0 else "-"
+        text += f" ({low:.{digits}f}{joiner}{high:.{digits}f})"
     return text
 
 
@@ -832,3 +835,85 @@ def compare_markdown(results: dict[str, EvaluationResult], digits: int = 2) -> s
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * table.width]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.iter_rows()]
     return "\n".join(lines)
+
+
+def paired_auroc_difference(y_true, risk_a, risk_b, config: EvalConfig | None = None, cluster=None) -> dict:
+    """AUROC(a) - AUROC(b) on the same samples, with a paired bootstrap CI: both models are scored
+    on the very same resamples (of patients, with ``cluster``), so their correlation is kept and
+    the interval is much narrower than two separate intervals suggest. ``p_a_better`` is the share
+    of resamples in which a beats b."""
+    config = config or EvalConfig()
+    y, a = check_predictions(y_true, risk_a)
+    _, b = check_predictions(y_true, risk_b)
+    if len(a) != len(b):
+        raise WorkbenchError(f"paired comparison needs the same samples: {len(a)} vs {len(b)} predictions")
+    edges = calibration_bin_edges(a, 2, "uniform")
+    design_a, design_b = (_BootstrapDesign.build(y, p, 0.5, edges) for p in (a, b))
+    value = float(roc_auc_score(y, a) - roc_auc_score(y, b))
+    rng = np.random.default_rng(config.seed)
+    codes = None if cluster is None else _dense_codes(_check_same_length("cluster", cluster, len(y)))
+    differences = []
+    block = max(1, _MAX_BLOCK_CELLS // max(len(y), 1))
+    for start in range(0, config.n_bootstrap, block):
+        weights = bootstrap_weights(min(block, config.n_bootstrap - start), len(y), rng, codes)
+        differences.append(_weighted_rank_metrics(weights, design_a)[0] - _weighted_rank_metrics(weights, design_b)[0])
+    diffs = np.concatenate(differences) if differences else np.array([])
+    low, high, n_valid = _percentile_interval(diffs, config.ci)
+    valid = diffs[np.isfinite(diffs)]
+    return {"value": value, "ci_low": low, "ci_high": high, "n_valid": n_valid,
+            "p_a_better": float(np.mean(valid > 0)) if valid.size else None}
+
+
+def decision_curve(y_true, y_prob, thresholds=None) -> pl.DataFrame:
+    """Net benefit across threshold probabilities (Vickers & Elkin, Med Decis Making 2006).
+
+    At threshold ``t`` (the risk at which one would act: the odds t / (1 - t) weigh a false
+    positive against a true positive), the model's net benefit is ``TP/n - FP/n * t / (1 - t)``;
+    treating everyone gives ``prevalence - (1 - prevalence) * t / (1 - t)``; treating no one, 0.
+    A model is worth using at the thresholds where its curve lies above both.
+    """
+    y, p = check_predictions(y_true, y_prob)
+    t = np.asarray(np.arange(0.01, 0.51, 0.01) if thresholds is None else thresholds, dtype=np.float64)
+    if ((t <= 0) | (t >= 1)).any():
+        raise WorkbenchError("decision curve thresholds must lie strictly between 0 and 1")
+    n, prevalence = len(y), float(y.mean())
+    odds = t / (1 - t)
+    flagged = p[None, :] >= t[:, None]
+    tp = (flagged & y[None, :]).sum(axis=1) / n
+    fp = (flagged & ~y[None, :]).sum(axis=1) / n
+    return pl.DataFrame({
+        "threshold": t,
+        "net_benefit": tp - fp * odds,
+        "net_benefit_treat_all": prevalence - (1 - prevalence) * odds,
+        "net_benefit_treat_none": np.zeros_like(t),
+        "flagged": flagged.mean(axis=1),
+    })
+
+
+def threshold_table(y_true, y_prob, thresholds=(0.05, 0.1, 0.2, 0.3, 0.5), sensitivities=(0.8, 0.9, 0.95),
+                    tuning: tuple | None = None) -> pl.DataFrame:
+    """Operating points: sensitivity, specificity, PPV, NPV, share flagged and number needed to
+    evaluate (1 / PPV: patients flagged per true case) at fixed risk thresholds, and at the
+    thresholds that reach fixed sensitivities. With ``tuning=(y, p)`` of the tuning split, the
+    sensitivity targets are met on tuning and the threshold is then held fixed here (as a deployed
+    rule would be); otherwise they are met on the data given."""
+    y, p = check_predictions(y_true, y_prob)
+    rows = [("risk >= %.2f" % t, float(t)) for t in thresholds]
+    ty, tp_ = check_predictions(*tuning) if tuning is not None else (y, p)
+    for target in sensitivities:
+        positives = np.sort(tp_[ty])[::-1]
+        if len(positives):
+            rows.append((f"sensitivity {target:.0%}" + (" on tuning" if tuning is not None else ""),
+                         float(positives[max(int(np.ceil(target * len(positives))) - 1, 0)])))
+    out = []
+    for label, t in rows:
+        flagged = p >= t
+        tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
+        fn, tn = int((~flagged & y).sum()), int((~flagged & ~y).sum())
+        ppv = _ratio_or_none(tp, tp + fp)
+        out.append({"rule": label, "threshold": t, "sensitivity": _ratio_or_none(tp, tp + fn),
+                    "specificity": _ratio_or_none(tn, tn + fp), "ppv": ppv, "npv": _ratio_or_none(tn, tn + fn),
+                    "flagged": float(flagged.mean()), "number_needed_to_evaluate": None if not ppv else 1 / ppv})
+    return pl.DataFrame(out, schema={"rule": pl.String, "threshold": pl.Float64, "sensitivity": pl.Float64,
+                                     "specificity": pl.Float64, "ppv": pl.Float64, "npv": pl.Float64,
+                                     "flagged": pl.Float64, "number_needed_to_evaluate": pl.Float64})

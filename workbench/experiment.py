@@ -19,18 +19,27 @@ import polars as pl
 
 from workbench import tracking
 from workbench.errors import WorkbenchError
-from workbench.evaluation import EvalConfig, EvaluationResult, evaluate, format_with_ci
+from workbench.evaluation import EvalConfig, EvaluationResult, decision_curve, evaluate, format_with_ci, threshold_table
 from workbench.features import SequenceTensors
 from workbench.files import write_text_atomic
 from workbench.calibration import Recalibration, fit_recalibration
-from workbench.models import MAYO_FORMULA, LogisticReference, ModelConfig, fold_platt, mayo_not_applicable, mayo_risk
-from workbench.plots import calibration_plot, pr_curve_plot, roc_curve_plot, training_curves_plot
+from workbench.models import (
+    MAYO_FORMULA,
+    GradientBoostedReference,
+    LogisticReference,
+    ModelConfig,
+    fold_platt,
+    mayo_not_applicable,
+    mayo_risk,
+)
+from workbench.plots import calibration_plot, decision_curve_plot, pr_curve_plot, roc_curve_plot, training_curves_plot
 from workbench.tasks import TaskSpec, load_task
 from workbench.training import TrainConfig, predict_risk, train
 
-ModelKind = Literal["lstm", "gru", "rnn", "logistic", "mayo"]
+ModelKind = Literal["lstm", "gru", "rnn", "logistic", "gbt", "mayo"]
 SEQUENCE_KINDS = ("lstm", "gru", "rnn")
-MODEL_KINDS = SEQUENCE_KINDS + ("logistic", "mayo")
+TABULAR_KINDS = ("logistic", "gbt")  # references on the whole history's tabular features
+MODEL_KINDS = SEQUENCE_KINDS + TABULAR_KINDS + ("mayo",)
 HELD_OUT = "held_out_"  # prefix of every held-out metric in MLflow
 TUNING = "tuning_"  # prefix of the tuning-split metrics (no bootstrap)
 MODEL_RUN_FILE = "model_run.json"  # what a train step hands to explain and compare
@@ -43,7 +52,8 @@ class FittedModel:
     kind: str
     predict: Callable[[np.ndarray], np.ndarray]
     keras_model: object = None  # the Keras model for sequence kinds
-    sklearn_model: object = None  # the fitted reference for the logistic kind
+    reference: object = None  # the fitted tabular reference (LogisticReference, GradientBoostedReference)
+    tabular: np.ndarray | None = None  # the tabular reference's inputs, one row per sample of the tensors
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     seconds: float = 0.0
@@ -68,6 +78,7 @@ class ModelRun:
     tuning: EvaluationResult | None = None
     skipped: str | None = None
     figures: dict = field(default_factory=dict)  # the plots logged to the run, by name
+    thresholds: pl.DataFrame | None = None  # operating points on held-out (sensitivity targets met on tuning)
 
     def summary(self) -> str:
         """One Markdown line: what was fitted and how it did (or why it was skipped)."""
@@ -100,8 +111,10 @@ def fit_model(
     train_config: TrainConfig | None = None,
     on_epoch_end=None,
     mayo_horizon_years: int = 2,
+    data_root: str | None = None,
+    seed: int = 0,
 ) -> FittedModel:
-    """Fit ``kind`` on the train split (early stopping on tuning); the Mayo score fits nothing."""
+    """Fit ``kind`` on the train split (early stopping and any choice on tuning); the Mayo score fits nothing."""
     train_split, tune_split = tensors.by_split("train"), tensors.by_split("tuning")
     if kind in SEQUENCE_KINDS:
         config = (model_config or ModelConfig()).model_copy(update={"kind": kind})
@@ -113,13 +126,34 @@ def fit_model(
             kind, lambda X: predict_risk(result.model, X), keras_model=result.model,
             history=result.history, best_epoch=result.best_epoch, seconds=result.seconds,
         )
-    if kind == "logistic":
-        reference = LogisticReference().fit(train_split.X, train_split.y)
-        return FittedModel(kind, reference.predict_proba, sklearn_model=reference)
+    if kind in TABULAR_KINDS:
+        if data_root is None:
+            raise WorkbenchError(f"the {kind} reference reads the events themselves: pass data_root")
+        X, names = tabular_inputs(tensors, data_root)
+        train_rows, tune_rows = tensors.split == "train", tensors.split == "tuning"
+        reference = LogisticReference(names) if kind == "logistic" else GradientBoostedReference(seed=seed)
+        reference.fit(X[train_rows], tensors.y[train_rows], X[tune_rows], tensors.y[tune_rows])
+        return FittedModel(kind, reference.predict_proba, reference=reference, tabular=X, options={"tabular": True})
     if kind == "mayo":
         return FittedModel(kind, lambda X: mayo_risk(tensors.spec, X, mayo_horizon_years),
                            options={"horizon_years": mayo_horizon_years})
     raise WorkbenchError(f"unknown model kind {kind!r}; expected one of {', '.join(MODEL_KINDS)}")
+
+
+def tabular_inputs(tensors: SequenceTensors, data_root) -> tuple[np.ndarray, list[str]]:
+    """The tabular features of every sample of ``tensors`` (same order), and their names."""
+    from workbench.tabular import feature_names, tabular_features
+
+    labels = pl.DataFrame({"subject_id": tensors.subject_id, "prediction_time": tensors.prediction_time,
+                           "boolean_value": tensors.y.astype(bool)})
+    X, samples = tabular_features(data_root, labels, tensors.spec)
+    return X, feature_names(tensors.spec)
+
+
+def inputs(fitted: FittedModel, tensors: SequenceTensors, split: str) -> np.ndarray:
+    """What ``fitted.predict`` takes for the samples of one split: sequences, or tabular rows."""
+    rows = tensors.split == split
+    return fitted.tabular[rows] if fitted.tabular is not None else tensors.X[rows]
 
 
 def recalibrate(fitted: FittedModel, tensors: SequenceTensors, method: str) -> None:
@@ -128,13 +162,12 @@ def recalibrate(fitted: FittedModel, tensors: SequenceTensors, method: str) -> N
     A Platt map folds into a network's or a logistic regression's last layer (the saved model then
     outputs calibrated risk by itself); any other map wraps ``predict`` and travels with the model.
     """
-    tune = tensors.by_split("tuning")
-    recalibration = fit_recalibration(fitted.predict(tune.X), tune.y, method)
+    recalibration = fit_recalibration(fitted.predict(inputs(fitted, tensors, "tuning")), tensors.by_split("tuning").y, method)
     if recalibration.method == "platt" and fitted.keras_model is not None:
         fold_platt(fitted.keras_model, recalibration.a, recalibration.b)
         recalibration.folded = True
-    elif recalibration.method == "platt" and isinstance(fitted.sklearn_model, LogisticReference):
-        fitted.sklearn_model.fold_platt(recalibration.a, recalibration.b)
+    elif recalibration.method == "platt" and isinstance(fitted.reference, LogisticReference):
+        fitted.reference.fold_platt(recalibration.a, recalibration.b)
         recalibration.folded = True
     else:
         raw = fitted.predict
@@ -157,7 +190,7 @@ def subgroups(tensors: SequenceTensors) -> dict[str, np.ndarray]:
 def evaluate_held_out(fitted: FittedModel, tensors: SequenceTensors, config: EvalConfig | None = None):
     """Evaluate on the held-out split with a patient-level bootstrap and sex / age subgroups."""
     held_out = tensors.by_split("held_out")
-    risk = np.asarray(fitted.predict(held_out.X), dtype=np.float64)
+    risk = np.asarray(fitted.predict(inputs(fitted, tensors, "held_out")), dtype=np.float64)
     result = evaluate(held_out.y, risk, config or EvalConfig(), groups=subgroups(held_out), cluster=held_out.subject_id)
     return result, risk
 
@@ -166,17 +199,34 @@ def evaluate_tuning(fitted: FittedModel, tensors: SequenceTensors, config: EvalC
     """Point metrics on the tuning split (what any choice between models may look at); a threshold
     rule ('youden', 'prevalence') is resolved here, and the number is what held-out uses."""
     tune = tensors.by_split("tuning")
-    risk = np.asarray(fitted.predict(tune.X), dtype=np.float64)
+    risk = np.asarray(fitted.predict(inputs(fitted, tensors, "tuning")), dtype=np.float64)
     return evaluate(tune.y, risk, (config or EvalConfig()).model_copy(update={"n_bootstrap": 0}))
 
 
-def figures(kind: str, fitted: FittedModel, y: np.ndarray, risk: np.ndarray) -> dict:
+def figures(kind: str, fitted: FittedModel, y: np.ndarray, risk: np.ndarray, evaluation: EvaluationResult) -> dict:
     """The plots every model run logs (training curves only for models trained by epochs)."""
     curves = {kind: (y, risk)}
-    out = {"roc": roc_curve_plot(curves), "pr": pr_curve_plot(curves), "calibration": calibration_plot(curves)}
+    out = {"roc": roc_curve_plot(curves), "pr": pr_curve_plot(curves),
+           "calibration": calibration_plot(curves, n_bins=evaluation.config.n_calibration_bins,
+                                           strategy=evaluation.config.calibration_strategy,
+                                           bands={kind: evaluation.calibration}),
+           "decision_curve": decision_curve_plot(curves, title=f"{kind}: decision curve, held-out")}
     if fitted.history:
         out["training_curves"] = training_curves_plot(fitted.history, best_epoch=fitted.best_epoch)
     return out
+
+
+def threshold_markdown(table: pl.DataFrame) -> str:
+    """The operating points of :func:`workbench.evaluation.threshold_table` as a Markdown table."""
+    def cell(v, pct=True):
+        return "n/a" if v is None else (f"{v:.0%}" if pct else f"{v:.1f}")
+
+    lines = ["| rule | risk threshold | sensitivity | specificity | PPV | NPV | flagged | number needed to evaluate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table.iter_rows(named=True):
+        lines.append(f"| {r['rule']} | {r['threshold']:.3f} | {cell(r['sensitivity'])} | {cell(r['specificity'])} | "
+                     f"{cell(r['ppv'])} | {cell(r['npv'])} | {cell(r['flagged'])} | {cell(r['number_needed_to_evaluate'], False)} |")
+    return "\n".join(lines)
 
 
 def architecture(kind: str, model_config: ModelConfig | None) -> str:
@@ -189,7 +239,9 @@ def architecture(kind: str, model_config: ModelConfig | None) -> str:
         parts += [f"head {c.head_units}"] if c.head_units else []
         return ", ".join(parts)
     if kind == "logistic":
-        return "logistic regression on the last time step's features"
+        return "logistic regression on the whole history (last values, missing and ever-present flags, age, sex)"
+    if kind == "gbt":
+        return "gradient-boosted trees (LightGBM) on windowed aggregates (30 d, 365 d, full history)"
     return "Mayo PBC risk score (published coefficients, nothing fitted)"
 
 
@@ -273,7 +325,8 @@ def run_model(
             mlflow.log_metrics(values, step=epoch)
 
         years = round(horizon_days(task) / 365.25) if kind == "mayo" else 2
-        fitted = fit_model(kind, tensors, model_config, train_config, on_epoch_end=log_epoch, mayo_horizon_years=years)
+        fitted = fit_model(kind, tensors, model_config, train_config, on_epoch_end=log_epoch, mayo_horizon_years=years,
+                           data_root=data_root, seed=train_config.seed)
         # Every choice on the tuning split only: the recalibration map, the threshold, the champion.
         recalibrate(fitted, tensors, eval_config.recalibration if kind != "mayo" else "none")
         tuning = evaluate_tuning(fitted, tensors, eval_config)
@@ -285,6 +338,10 @@ def run_model(
         mlflow.log_metrics(evaluation.to_flat_dict(prefix=HELD_OUT))
         if fitted.best_epoch:
             mlflow.log_metrics({"best_epoch": fitted.best_epoch, "train_seconds": fitted.seconds})
+        if isinstance(fitted.reference, LogisticReference):
+            mlflow.log_params({"logistic_C": fitted.reference.C, "logistic_inputs": len(fitted.reference.names)})
+        if isinstance(fitted.reference, GradientBoostedReference):
+            mlflow.log_params({"gbt_rounds": fitted.reference.booster.best_iteration, **{f"gbt_{k}": v for k, v in fitted.reference.params.items()}})
         mlflow.log_text(evaluation.to_markdown(), "evaluation/held_out.md")
         mlflow.log_text(evaluation.subgroups.write_csv(), "evaluation/subgroups.csv")
         mlflow.log_text(evaluation.calibration.write_csv(), "evaluation/calibration.csv")
@@ -292,8 +349,12 @@ def run_model(
         if cohort_report is not None:
             tracking.log_cohort_report(cohort_report)
         held_out = tensors.by_split("held_out")
-        plots = figures(kind, fitted, held_out.y, risk)
+        plots = figures(kind, fitted, held_out.y, risk, evaluation)
         tracking.log_figures(plots)
+        tune_risk = np.asarray(fitted.predict(inputs(fitted, tensors, "tuning")), dtype=np.float64)
+        thresholds = threshold_table(held_out.y, risk, tuning=(tensors.by_split("tuning").y, tune_risk))
+        mlflow.log_text(thresholds.write_csv(), "evaluation/thresholds.csv")
+        mlflow.log_text(decision_curve(held_out.y, risk).write_csv(), "evaluation/decision_curve.csv")
         tracking.log_frame(
             pl.DataFrame({"subject_id": held_out.subject_id, "prediction_time": held_out.prediction_time,
                           "label": held_out.y, "risk": risk}),
@@ -320,7 +381,7 @@ def run_model(
             )
             mlflow.set_tags({"workbench.registered_version": registry["version"],
                              "workbench.champion": str(registry["promoted"]).lower()})
-    return ModelRun(active, kind, evaluation, risk, registry, fitted, tuning, figures=plots)
+    return ModelRun(active, kind, evaluation, risk, registry, fitted, tuning, figures=plots, thresholds=thresholds)
 
 
 def score(model_uri: str, data_root, times=None) -> pl.DataFrame:

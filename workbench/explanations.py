@@ -176,14 +176,24 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
 
 
 def choose_run_to_explain(run_id: str | None, upstream: dict | None, task: str) -> str:
-    """The run a given id names; else the sweep's best sequence model by tuning AUROC (a
-    pipeline's ``upstream["train"]``); else the current champion of ``task``."""
+    """The run a given id names; else the sweep's best sequence model by tuning AUROC (a pipeline's
+    ``upstream["train"]``); else the task's registered sequence model with the best tuning AUROC
+    (the champion itself when it is a sequence model: a reference has no time steps to explain)."""
     if run_id:
         return run_id
     if upstream and upstream.get("train"):
         return best_sequence_run(upstream["train"])["run_id"]
+    from mlflow.tracking import MlflowClient
+
     from workbench.tasks import task_name
 
     tracking.setup()
     name = task_name(task)
-    return tracking.run_of_model(f"models:/{name}@{tracking.CHAMPION}")
+    try:
+        best = tracking.best_version(MlflowClient(), name, kinds=SEQUENCE_KINDS)
+    except mlflow.exceptions.MlflowException:
+        best = None
+    if best is None:
+        raise WorkbenchError(f"no registered sequence model for task {name!r} at {tracking.tracking_uri()}: "
+                             "train one first (notebooks/02_train or workbench run)")
+    return best.run_id

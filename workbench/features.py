@@ -21,6 +21,10 @@ Channels, in this order (``feature_names``):
 3. ``{code}/time_since`` (optional): days from the code's latest value to the step's end time
    (train median where the code was never observed);
 4. ``{code}/count``: number of events of each count code in the bin (0 where none);
+   with ``add_history`` (default) also ``{code}/ever`` (1 once the code occurred, even long before
+   the window), ``{code}/days_since_first`` and ``{code}/days_since_last`` (days from its first and
+   latest occurrence to the step's end; the train median where it never occurred), so a
+   diagnosis from years ago still reaches the model;
 5. ``static/age_years`` (age at the prediction time, from ``MEDS_BIRTH``) and ``static/{code}``
    (1 if the subject has that static, null-time code), repeated on every non-padded step;
 6. ``step/observed``: 1 if the bin holds any event of a selected code.
@@ -69,6 +73,8 @@ _UNIT_US = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "min": 60_000
             "d": US_PER_DAY, "w": 7 * US_PER_DAY}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|m|h|d|w)\s*$")
 OBSERVED_FEATURE = "step/observed"
+#: Per count code with ``add_history``: occurred yet, days since its first and its latest occurrence.
+HISTORY_CHANNELS = ("ever", "days_since_first", "days_since_last")
 AGE_FEATURE = "static/age_years"
 TENSORS_FILE = "tensors.npz"
 SPEC_FILE = "feature_spec.json"
@@ -122,6 +128,11 @@ class FeatureConfig(BaseModel):
     )
     add_missing_indicators: bool = Field(False, description="Add '{code}/missing' (no value in this bin) per numeric code.")
     add_time_since_last: bool = Field(False, description="Add '{code}/time_since' (days since the latest value) per numeric code.")
+    add_history: bool = Field(
+        True,
+        description="Add, per count code, '{code}/ever' (occurred at or before the step's end, however long ago), "
+        "'{code}/days_since_first' and '{code}/days_since_last': what lies before the window reaches the model.",
+    )
     static_features: bool = Field(True, description="Add static/age_years and static/{code} for static (null-time) codes.")
     birth_code: str = Field("MEDS_BIRTH", description="Code whose time is the birth date (for static/age_years).")
 
@@ -266,12 +277,13 @@ def _is_continuous(name: str) -> bool:
     """Channels standardized with mean/std (the rest are 0/1 indicators)."""
     if name == AGE_FEATURE:
         return True
-    return name.rsplit("/", 1)[-1] in ("last", "mean", "min", "max", "count", "time_since")
+    return name.rsplit("/", 1)[-1] in ("last", "mean", "min", "max", "count", "time_since", "days_since_first", "days_since_last")
 
 
 def _is_imputed(name: str) -> bool:
     """Channels whose NaNs (never observed) get the train median."""
-    return name == AGE_FEATURE or name.rsplit("/", 1)[-1] in ("last", "mean", "min", "max", "time_since")
+    return name == AGE_FEATURE or name.rsplit("/", 1)[-1] in ("last", "mean", "min", "max", "time_since",
+                                                               "days_since_first", "days_since_last")
 
 
 def _feature_names(
@@ -284,6 +296,8 @@ def _feature_names(
     if config.add_time_since_last:
         names += [f"{c}/time_since" for c in numeric]
     names += [f"{c}/count" for c in count]
+    if config.add_history:
+        names += [f"{c}/{h}" for h in HISTORY_CHANNELS for c in count]
     if include_age:
         names.append(AGE_FEATURE)
     names += [f"static/{c}" for c in static]
@@ -408,7 +422,7 @@ def split_counts(split: np.ndarray) -> dict[str, int]:
 # --------------------------------------------------------------------------------------- inputs
 
 
-def _as_dataset(dataset: MedsDataset | EventFrame | str | os.PathLike) -> MedsDataset | EventFrame:
+def as_dataset(dataset: MedsDataset | EventFrame | str | os.PathLike) -> MedsDataset | EventFrame:
     return dataset if isinstance(dataset, (MedsDataset, EventFrame)) else open_dataset(dataset)
 
 
@@ -518,6 +532,8 @@ def _bins_query(events: pl.LazyFrame, samples: pl.LazyFrame, config: FeatureConf
     aggs += [getattr(value, a)().alias(a) for a in config.numeric_aggs if a != "last"]
     if config.add_time_since_last:
         aggs.append(pl.when(has_value).then(pl.col("time")).max().dt.epoch("us").alias("tmax"))
+    if config.add_history:
+        aggs += [pl.col("time").min().dt.epoch("us").alias("t_first"), pl.col("time").max().dt.epoch("us").alias("t_last")]
     return (
         events.select("subject_id", "time", "code", "numeric_value")
         .filter(pl.col("time").is_not_null())
@@ -528,7 +544,7 @@ def _bins_query(events: pl.LazyFrame, samples: pl.LazyFrame, config: FeatureConf
     )
 
 
-def _static_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
+def static_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
     """(subject, code) for each static (null-time) event of a labelled subject."""
     return (
         events.filter(pl.col("time").is_null())
@@ -538,7 +554,7 @@ def _static_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def _age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> pl.LazyFrame:
+def age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> pl.LazyFrame:
     """(sample, age in years at the prediction time) for samples whose subject was born by then."""
     birth = events.filter((pl.col("code") == birth_code) & pl.col("time").is_not_null()).select("subject_id", "time")
     age = (pl.col("prediction_time") - pl.col("time").min()).dt.total_microseconds() / US_PER_YEAR
@@ -550,13 +566,13 @@ def _age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> 
     )
 
 
-def _missing_subjects_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
+def missing_subjects_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
     """Labelled subjects without a single event in the data."""
     present = events.select("subject_id").unique()
     return samples.select("subject_id").unique().join(present, on="subject_id", how="anti").sort("subject_id")
 
 
-def _collect(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
+def collect_queries(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
     """Run all queries in one go on the streaming engine (bounded memory for large datasets)."""
     try:
         return pl.collect_all(list(queries), engine="streaming")
@@ -568,11 +584,11 @@ def _read_events(dataset: MedsDataset, samples: pl.DataFrame, config: FeatureCon
     """The single pass over the events (also checks that every labelled subject has events)."""
     events = dataset.events()
     lazy = samples.lazy()
-    bins, static, age, missing = _collect(
-        _bins_query(events, lazy, config), _static_query(events, lazy),
-        _age_query(events, lazy, config.birth_code), _missing_subjects_query(events, lazy),
+    bins, static, age, missing = collect_queries(
+        _bins_query(events, lazy, config), static_query(events, lazy),
+        age_query(events, lazy, config.birth_code), missing_subjects_query(events, lazy),
     )
-    _raise_if_missing(missing, dataset)
+    raise_if_missing(missing, dataset)
     return _Events(bins, static, age)
 
 
@@ -767,7 +783,8 @@ def _raw_tensor(bins: pl.DataFrame, static: pl.DataFrame, age: pl.DataFrame, sam
     per_sample = _per_sample_channels(static, age, samples, layout)
     chunk = max(64, (8 << 20) // max(1, X[0].nbytes))
     bounds = np.searchsorted(sp.sample, np.arange(0, N + chunk, chunk))
-    step_end = _step_end_us(samples, layout.config) if layout.config.add_time_since_last else None
+    needs_end = layout.config.add_time_since_last or layout.config.add_history
+    step_end = _step_end_us(samples, layout.config) if needs_end else None
     for k, i0 in enumerate(range(0, N, chunk)):  # a loop over blocks of samples, not over rows
         i1, rows = min(i0 + chunk, N), slice(bounds[k], bounds[k + 1])
         block = _Sparse(sp.sample[rows] - i0, sp.slot[rows], sp.code[rows], sp.columns[rows])
@@ -803,9 +820,25 @@ def _fill_block(X: np.ndarray, sp: _Sparse, layout: _Layout, step_end: np.ndarra
         last_time = _forward_filled(pos, tmax, T + 1, n * C * (T + 1)).reshape(n, C, T + 1)[:, :, 1:]
         X[:, :, f:f + C] = ((step_end[:, None, :] - last_time) / US_PER_DAY).transpose(0, 2, 1)
         f += C
-    X[:, :, f:f + len(layout.count)] = 0.0
+    K = len(layout.count)
+    X[:, :, f:f + K] = 0.0
     cnt = ~num & (sp.slot > 0)
     X[sp.sample[cnt], sp.slot[cnt] - 1, f + sp.code[cnt] - C] = sp.columns["n"].to_numpy()[cnt]
+    f += K
+    if config.add_history and K:
+        counted = ~num  # every bin of a count code, the one before the window (slot 0) included
+        cpos = (sp.sample[counted] * K + sp.code[counted] - C) * (T + 1) + sp.slot[counted]
+        columns = sp.columns.filter(pl.Series(counted))
+        # the first occurrence: only each (sample, code)'s earliest bin carries it forward
+        first_bin = np.ones(len(cpos), dtype=bool)
+        first_bin[1:] = (cpos[1:] // (T + 1)) != (cpos[:-1] // (T + 1))
+        t_first = _forward_filled(cpos[first_bin], columns["t_first"].to_numpy().astype(np.float64)[first_bin],
+                                  T + 1, n * K * (T + 1)).reshape(n, K, T + 1)[:, :, 1:]
+        t_last = _forward_filled(cpos, columns["t_last"].to_numpy().astype(np.float64), T + 1,
+                                 n * K * (T + 1)).reshape(n, K, T + 1)[:, :, 1:]
+        X[:, :, f:f + K] = (~np.isnan(t_first)).transpose(0, 2, 1)
+        X[:, :, f + K:f + 2 * K] = ((step_end[:, None, :] - t_first) / US_PER_DAY).transpose(0, 2, 1)
+        X[:, :, f + 2 * K:f + 3 * K] = ((step_end[:, None, :] - t_last) / US_PER_DAY).transpose(0, 2, 1)
 
 
 def _per_sample_channels(static: pl.DataFrame, age: pl.DataFrame, samples: pl.DataFrame,
@@ -898,9 +931,11 @@ def _finish(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec, chunk: int = 1
 # ---------------------------------------------------------------------------------- public API
 
 
-def _prepare(dataset, labels) -> tuple[MedsDataset, pl.DataFrame]:
-    dataset = _as_dataset(dataset)
-    samples = _samples(load_labels(labels), _subject_splits(dataset))
+def prepare_samples(dataset, labels, splits: pl.DataFrame | None = None) -> tuple[MedsDataset, pl.DataFrame]:
+    """The dataset opened and the labels as samples with their split (the dataset's, or ``splits``:
+    ``subject_id, split``, e.g. one fold of a cross-validation)."""
+    dataset = as_dataset(dataset)
+    samples = _samples(load_labels(labels), _subject_splits(dataset) if splits is None else splits)
     return dataset, samples
 
 
@@ -908,7 +943,7 @@ def _layout_from_spec(spec: FeatureSpec) -> _Layout:
     return _Layout(spec.config, list(spec.numeric_codes), list(spec.count_codes), list(spec.static_codes), spec.include_age)
 
 
-def _raise_if_missing(missing: pl.DataFrame, dataset: MedsDataset) -> None:
+def raise_if_missing(missing: pl.DataFrame, dataset: MedsDataset) -> None:
     if missing.height:
         ids = missing["subject_id"].head(10).to_list()
         raise WorkbenchError(
@@ -960,8 +995,8 @@ def fit(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | o
         config: FeatureConfig | None = None) -> FeatureSpec:
     """Learn a FeatureSpec from the train-split labels only (codes, medians, mean/std)."""
     config = config or FeatureConfig()
-    dataset, samples = _prepare(dataset, labels)
-    _raise_if_missing(_collect(_missing_subjects_query(dataset.events(), samples.lazy()))[0], dataset)
+    dataset, samples = prepare_samples(dataset, labels)
+    raise_if_missing(collect_queries(missing_subjects_query(dataset.events(), samples.lazy()))[0], dataset)
     _require_train(samples, dataset)
     # only train samples are read: held-out events cannot reach the statistics
     train_samples = samples.filter(pl.col("split") == "train").with_columns(
@@ -977,7 +1012,7 @@ def transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | s
     """Apply a fitted spec to (new) data: same channels in the same order; unknown codes ignored."""
     if not isinstance(spec, FeatureSpec):
         spec = FeatureSpec.load(spec)
-    dataset, samples = _prepare(dataset, labels)
+    dataset, samples = prepare_samples(dataset, labels)
     read = _read_events(dataset, samples, spec.config)
     _warn_unseen(_unseen_codes(read, spec.seen_codes))
     X, observed, padded = _raw_for(read, samples, _layout_from_spec(spec))
@@ -985,10 +1020,11 @@ def transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | s
 
 
 def fit_transform(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
-                  config: FeatureConfig | None = None) -> tuple[FeatureSpec, SequenceTensors]:
-    """:func:`fit` then :func:`transform` from a single read of the events."""
+                  config: FeatureConfig | None = None, splits: pl.DataFrame | None = None) -> tuple[FeatureSpec, SequenceTensors]:
+    """:func:`fit` then :func:`transform` from a single read of the events; ``splits`` (``subject_id,
+    split``) replaces the dataset's subject splits (cross-validation folds)."""
     config = config or FeatureConfig()
-    dataset, samples = _prepare(dataset, labels)
+    dataset, samples = prepare_samples(dataset, labels, splits)
     read = _read_events(dataset, samples, config)
     _require_train(samples, dataset)
     layout, seen, train = _select(read, samples, config)

@@ -120,6 +120,9 @@ _AGG_LABELS = {
     "count": "count",
     "missing": "missing",
     "time_since": "days since last",
+    "ever": "ever",
+    "days_since_first": "days since first",
+    "days_since_last": "days since last",
 }
 
 
@@ -237,11 +240,14 @@ def calibration_plot(
     n_bins: int = 10,
     strategy: str = "uniform",
     title: str = "Calibration",
+    bands: Mapping | None = None,
 ) -> Figure:
     """Reliability diagram (observed vs mean predicted risk per bin) over a prediction histogram.
 
     Points come from ``sklearn.calibration.calibration_curve``; the legend gives each model's
     expected calibration error with the same bins as :func:`workbench.evaluation.evaluate`.
+    ``bands`` (``{model: EvaluationResult.calibration}``) shades each bin's bootstrap interval of
+    the observed rate.
     """
     checked = _checked_curves(curves)
     fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25 + _legend_height(len(checked) + 1)), layout="constrained")
@@ -255,6 +261,11 @@ def calibration_plot(
         edges = calibration_bin_edges(p, n_bins, strategy)
         ece = expected_calibration_error(calibration_table(y, p, edges))
         ax.plot(predicted, observed, marker="o", ms=4, color=color, lw=1.6, alpha=0.9, label=f"{name} (ECE {ece:.3f})")
+        band = (bands or {}).get(name)
+        if band is not None and band["observed_ci_low"].null_count() < band.height:
+            ax.fill_between(band["mean_predicted"].to_numpy(), band["observed_ci_low"].fill_null(np.nan).to_numpy(),
+                            band["observed_ci_high"].fill_null(np.nan).to_numpy(), color=color, alpha=0.15, lw=0,
+                            label=f"{name}: 95% CI (bootstrap over patients)")
         hist_ax.hist(p, bins=hist_bins, histtype="step", color=color, lw=1.5, label=name)
     ax.set(xlim=(0, 1), ylim=(0, 1.01))
     _style(ax, title, "", "Observed outcome rate")
@@ -268,6 +279,30 @@ def calibration_plot(
     ax.get_legend().remove()
     ncol = 1 if len(labels) <= 3 or max(len(t) for t in labels) > 34 else 2
     fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize="small", frameon=False)
+    return fig
+
+
+def decision_curve_plot(curves: Curves, thresholds=None, title: str = "Decision curve") -> Figure:
+    """Net benefit of acting on each model's risk across threshold probabilities, against treating
+    everyone and treating no one (see :func:`workbench.evaluation.decision_curve`)."""
+    from workbench.evaluation import decision_curve
+
+    checked = _checked_curves(curves)
+    fig = Figure(figsize=(FIGSIZE[0] * 1.15, FIGSIZE[1] * 0.9 + _legend_height(len(checked) + 2)), layout="constrained")
+    ax = fig.add_subplot()
+    top = 0.0
+    for color, (name, (y, p)) in zip(_COLORS * 10, checked.items()):
+        curve = decision_curve(y, p, thresholds)
+        ax.plot(curve["threshold"], curve["net_benefit"], color=color, lw=2, label=name)
+        top = max(top, float(curve["net_benefit"].max()))
+    ax.plot(curve["threshold"], curve["net_benefit_treat_all"], color="grey", lw=1.2, ls="--", label="Treat all")
+    ax.axhline(0, color="black", lw=1, label="Treat none")
+    ax.set_ylim(-0.05 * max(top, 0.01), max(top, 0.01) * 1.15)
+    ax.set_xlim(float(curve["threshold"].min()), float(curve["threshold"].max()))
+    _style(ax, title, "Threshold probability (risk at which one would act)", "Net benefit")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.get_legend().remove()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize="small", frameon=False)
     return fig
 
 

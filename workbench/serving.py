@@ -9,8 +9,10 @@ dependencies (nothing imported or set beforehand)::
 
 returns one row per (subject_id, prediction_time) with its ``risk``. Without a
 ``prediction_time`` column each subject is scored as of its last timed event; with one, every
-distinct non-null (subject_id, prediction_time) in the frame is scored (put the times on any
-of the subject's rows). ``mlflow models serve`` answers the same request over REST.
+distinct non-null (subject_id, prediction_time) in the frame is scored. The usual way: append
+one row per prediction wanted, ``subject_id`` and ``prediction_time`` with no ``code`` (such
+rows are requests, not events; joining the times onto the events would duplicate them).
+``mlflow models serve`` answers the same request over REST.
 
 What travels with the model: the FeatureSpec (new events are tensorized with it, never
 refitted), the fitted predictor (Keras ``.keras`` file, a scikit-learn estimator, or nothing
@@ -56,7 +58,7 @@ def signature():
         inputs=Schema([
             ColSpec("long", "subject_id"),
             ColSpec("datetime", "time", required=False),
-            ColSpec("string", "code"),
+            ColSpec("string", "code", required=False),
             ColSpec("double", "numeric_value", required=False),
             ColSpec("datetime", "prediction_time", required=False),
         ]),
@@ -94,9 +96,12 @@ def request_frame(model_input) -> pl.DataFrame:
     frame = frame.select(list(REQUEST_COLUMNS))
     if frame.height == 0:
         raise _bad_request("events: no rows to score")
-    for name in ("subject_id", "code"):
-        if frame[name].null_count():
-            raise _bad_request(f"events: column {name!r} has {frame[name].null_count()} null value(s)")
+    if frame["subject_id"].null_count():
+        raise _bad_request(f"events: column 'subject_id' has {frame['subject_id'].null_count()} null value(s)")
+    orphans = frame.filter(pl.col("code").is_null() & pl.col("prediction_time").is_null()).height
+    if orphans:
+        raise _bad_request(f"events: column 'code' is null in {orphans} row(s) that ask for no prediction_time either "
+                           "(a row is an event, with a code, or a request, with a prediction_time)")
     if not frame["numeric_value"].drop_nulls().is_finite().all():
         raise _bad_request("events: column 'numeric_value' holds NaN or infinite values (use null for no value)")
     return frame
@@ -137,6 +142,7 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         self.kind = config.get("kind", "")
         self.spec = FeatureSpec.load(context.artifacts["feature_spec"])
         self.predictor = load_predictor(self.kind, context.artifacts, self.spec, config.get("options") or {})
+        self.tabular = bool((config.get("options") or {}).get("tabular"))
         path = context.artifacts.get("recalibration")
         self.recalibration = Recalibration.model_validate_json(Path(path).read_text()) if path else Recalibration()
 
@@ -158,17 +164,20 @@ class RiskModel(mlflow.pyfunc.PythonModel):
     def score(self, dataset, samples: pl.DataFrame | None = None) -> pl.DataFrame:
         """Risks for ``samples`` (subject_id, prediction_time; default: each subject's last event)
         of a MEDS dataset (a path or an EventFrame), tensorized with the model's own FeatureSpec."""
-        from workbench.features import _as_dataset, transform
+        from workbench.features import as_dataset, transform
 
-        dataset = _as_dataset(dataset)
+        dataset = as_dataset(dataset)
         if samples is None:
             samples = last_event_times(dataset.events())
-        tensors = transform(dataset, samples, self.spec)
-        return pl.DataFrame({
-            "subject_id": tensors.subject_id,
-            "prediction_time": tensors.prediction_time,
-            "risk": np.asarray(self.risk(tensors.X), dtype=np.float64),
-        })
+        if self.tabular:
+            from workbench.tabular import tabular_features
+
+            X, samples = tabular_features(dataset, samples, self.spec)
+            ids, times = samples["subject_id"].to_numpy(), samples["prediction_time"].to_numpy()
+        else:
+            tensors = transform(dataset, samples, self.spec)
+            X, ids, times = tensors.X, tensors.subject_id, tensors.prediction_time
+        return pl.DataFrame({"subject_id": ids, "prediction_time": times, "risk": np.asarray(self.risk(X), dtype=np.float64)})
 
 
 # --- the predictor of each model kind -------------------------------------------------------
@@ -184,11 +193,15 @@ def save_predictor(fitted, directory: Path) -> dict[str, str]:
         path = directory / "model.keras"
         fitted.keras_model.save(path)
         artifacts["keras_model"] = str(path)
-    elif fitted.sklearn_model is not None:
+    elif hasattr(fitted.reference, "save"):  # LightGBM's own text format
+        path = directory / "lightgbm.txt"
+        fitted.reference.save(path)
+        artifacts["lightgbm"] = str(path)
+    elif fitted.reference is not None:
         import joblib
 
         path = directory / "estimator.joblib"
-        joblib.dump(fitted.sklearn_model, path)
+        joblib.dump(fitted.reference, path)
         artifacts["estimator"] = str(path)
     return artifacts
 
@@ -219,6 +232,8 @@ def load_predictor(kind: str, artifacts: dict, spec, options: dict):
         import joblib
 
         return joblib.load(artifacts["estimator"]).predict_proba
+    if "lightgbm" in artifacts:
+        return models.GradientBoostedReference.load(artifacts["lightgbm"]).predict_proba
     if kind == "mayo":
         return lambda X: models.mayo_risk(spec, X, options.get("horizon_years", 2))
     raise WorkbenchError(f"model kind {kind!r}: no predictor among the logged artifacts {sorted(artifacts)}")

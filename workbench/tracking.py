@@ -170,10 +170,13 @@ def _version_auroc(version) -> float:
     return value if np.isfinite(value) else float("-inf")
 
 
-def best_version(client: MlflowClient, name: str):
-    """The registered version the champion rule picks: the highest AUROC tag, the older on a tie."""
+def best_version(client: MlflowClient, name: str, kinds=None):
+    """The registered version the champion rule picks: the highest tuning AUROC tag, the older on a
+    tie; with ``kinds``, only among versions of those model kinds (None when there is none)."""
     versions = client.search_model_versions(f"name='{name}'", max_results=10_000)
-    return max(versions, key=lambda v: (_version_auroc(v), -int(v.version)))
+    if kinds is not None:
+        versions = [v for v in versions if v.tags.get("model_kind") in kinds]
+    return max(versions, key=lambda v: (_version_auroc(v), -int(v.version))) if versions else None
 
 
 @contextmanager
@@ -278,34 +281,34 @@ def runs_table(experiment: str, parent_run_id: str | None = None, run_ids=None, 
         if latest_per_model and model in seen:
             continue
         seen.add(model)
-        row = {"run_id": run.info.run_id, "model": model, "started": run.info.start_time}
+        row = {"run_id": run.info.run_id, "model": model, "started": run.info.start_time,
+               "tuning_auroc": run.data.metrics.get(AUROC_TAG)}
         for m in metrics:
             for suffix in ("", "_ci_low", "_ci_high"):
                 row[f"{m}{suffix}"] = run.data.metrics.get(f"held_out_{m}{suffix}")
         rows.append(row)
-    schema = {"run_id": pl.String, "model": pl.String, "started": pl.Int64,
+    schema = {"run_id": pl.String, "model": pl.String, "started": pl.Int64, "tuning_auroc": pl.Float64,
               **{f"{m}{s}": pl.Float64 for m in metrics for s in ("", "_ci_low", "_ci_high")}}
     return pl.DataFrame(rows, schema=schema).sort("auroc", descending=True, nulls_last=True)
 
 
-def held_out_predictions(table: pl.DataFrame) -> dict[str, tuple]:
-    """``{model: (label, risk)}`` on the held-out split for each run of a ``runs_table`` (for overlay plots)."""
-    curves = {}
-    for row in table.iter_rows(named=True):
-        frame = pl.read_parquet(download_artifact(row["run_id"], PREDICTIONS_ARTIFACT))
-        curves[row["model"]] = (frame["label"].to_numpy(), frame["risk"].to_numpy())
-    return curves
+def held_out_predictions(table: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """``{model: subject_id, prediction_time, label, risk}`` on the held-out split for each run of a ``runs_table``."""
+    return {row["model"]: pl.read_parquet(download_artifact(row["run_id"], PREDICTIONS_ARTIFACT))
+            for row in table.iter_rows(named=True)}
 
 
 def runs_markdown(table, metrics=("auroc", "auprc", "brier", "ece"), digits: int = 3) -> str:
-    """A ``runs_table`` as a Markdown table, each metric as ``value (low-high)``."""
+    """A ``runs_table`` as a Markdown table: tuning AUROC (what choices look at), then each held-out
+    metric as ``value (low-high)``."""
     from workbench.evaluation import format_with_ci
 
-    header = "| model | " + " | ".join(m.upper() for m in metrics) + " | run |\n"
-    header += "|---|" + "---|" * (len(metrics) + 1) + "\n"
+    header = "| model | tuning AUROC | " + " | ".join(f"held-out {m.upper()}" for m in metrics) + " | run |\n"
+    header += "|---|---|" + "---|" * (len(metrics) + 1) + "\n"
     rows = []
     for r in table.iter_rows(named=True):
         cells = [format_with_ci({"value": r[m], "ci_low": r[f"{m}_ci_low"], "ci_high": r[f"{m}_ci_high"]}, digits)
                  for m in metrics]
-        rows.append(f"| {r['model']} | " + " | ".join(cells) + f" | `{r['run_id']}` |")
+        tuning = "n/a" if r.get("tuning_auroc") is None else f"{r['tuning_auroc']:.{digits}f}"
+        rows.append(f"| {r['model']} | {tuning} | " + " | ".join(cells) + f" | `{r['run_id']}` |")
     return header + "\n".join(rows) + "\n"
