@@ -65,7 +65,7 @@ def test_generic_pipeline_on_own_data_and_labels_then_explain(tmp_path):
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     by_model = {r.data.tags.get("workbench.model"): r for r in runs if "workbench.model" in r.data.tags}
-    assert set(by_model) == {"lstm", "gru", "logistic", "gbt", "mayo"}
+    assert set(by_model) == {"lstm", "gru", "rnn", "logistic", "gbt", "mayo"}
     assert "workbench.skipped" in by_model["mayo"].data.tags and "held_out_auroc" not in by_model["mayo"].data.metrics
     assert "held_out_auroc" in by_model["logistic"].data.metrics
     for kind in ("lstm", "gru"):
