@@ -178,7 +178,8 @@ def with_event_after(rows, subject, pt, code, value):
 def test_leakage_event_one_microsecond_after_prediction_time(tmp_path, code, value):
     """(a) for every sample: an event at pt + 1us leaves its X bit-identical (fixed spec and refit)."""
     rows = hand_events() + [(1, dt.datetime(2020, 1, 20), "LAB//a", 7.0), (2, dt.datetime(2020, 1, 20), "DX//x", None),
-                            (3, dt.datetime(1970, 1, 1), "MEDS_BIRTH", None)]
+                            (3, dt.datetime(1970, 1, 1), "MEDS_BIRTH", None),
+                            (3, dt.datetime(2020, 3, 1), "DX//x", None)]  # the data reach past every label
     labels = pl.concat([hand_labels(), hand_labels((1, 2)).with_columns(pl.col("prediction_time") + 15 * D)])
     warnings.simplefilter("ignore", ft.UnseenCodesWarning)
     base = make(tmp_path, rows, name="base")
@@ -224,7 +225,7 @@ def test_leakage_subject_in_two_splits_is_rejected(tmp_path, hand):
     """(c) a subject listed in two splits is an error; otherwise every subject has exactly one split."""
     twice = pl.DataFrame({"subject_id": [1, 2, 3, 3], "split": ["train", "train", "held_out", "train"]})
     ds = make(tmp_path, hand_events(), splits=twice, name="twice")
-    with pytest.raises(WorkbenchError, match=r"subject_splits.*listed more than once.*\[3\]"):
+    with pytest.raises(WorkbenchError, match=r"subject_splits.*listed more than once.*subject_id 3"):
         ft.fit(ds, hand_labels(), HAND_CONFIG)
     warnings.simplefilter("ignore", ft.UnseenCodesWarning)
     labels = pl.concat([hand_labels(), hand_labels().with_columns(pl.col("prediction_time") - D)])
@@ -296,9 +297,9 @@ def test_config_from_yaml_parses_durations(tmp_path):
 
 
 def test_labels_errors(tmp_path, hand):
-    with pytest.raises(WorkbenchError, match=r"subject_id\(s\) have no events.*\[99\]"):
+    with pytest.raises(WorkbenchError, match=r"column 'subject_id': 1 subject\(s\) have no timed events.*subject_id 99"):
         ft.fit(hand, hand_labels().vstack(hand_labels().head(1).with_columns(pl.lit(99, pl.Int64).alias("subject_id"))))
-    with pytest.raises(WorkbenchError, match="missing column 'prediction_time'"):
+    with pytest.raises(WorkbenchError, match=r"missing column\(s\) 'prediction_time'"):
         ft.fit(hand, pl.DataFrame({"subject_id": [1]}))
     only_held_out = hand_labels((1, 2, 3)).filter(pl.col("subject_id") == 3)
     with pytest.raises(WorkbenchError, match="no label belongs to a train-split subject"):
@@ -332,7 +333,7 @@ def test_cli_labels_subject_missing_exit_2(tmp_path, hand):
     hand_labels().with_columns(pl.col("subject_id") + 100).write_parquet(tmp_path / "labels.parquet")
     result = CliRunner().invoke(app, ["features", "--data", str(hand.root), "--labels", str(tmp_path / "labels.parquet"),
                                       "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "no events" in result.output and "101" in result.output
+    assert result.exit_code == 2 and "no timed events" in result.output and "101" in result.output
 
 
 def test_pbc_task_tensors():

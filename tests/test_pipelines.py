@@ -178,9 +178,13 @@ def test_overrides_resolve_into_step_params_and_matrix(project):
     assert parse_overrides(["n=3", "x=0.5", "flag=true", "s=abc"]) == {"n": 3, "x": 0.5, "flag": True, "s": "abc"}
     with pytest.raises(WorkbenchError, match="expected key=value"):
         parse_overrides(["epochs"])
-    pipeline = load_pipeline(project, {"title": 7, "model": "zz"})
+    # a whole ${ref} keeps its type, so an int reaches a parameter whose default is a string: refused up front
+    with pytest.raises(WorkbenchError, match=r"demo.yaml: step report: parameter title: expected a string like its "
+                       r"default 'r' in report.ipynb \(got 7\)"):
+        load_pipeline(project, {"title": 7})
+    pipeline = load_pipeline(project, {"title": "seven", "model": "zz"})
     assert [e.label for e in pipeline.executions] == ["prep-model=zz", "report"]
-    assert pipeline.steps["report"].executions[0].params == {"title": 7}, "a whole ${ref} keeps its type"
+    assert pipeline.steps["report"].executions[0].params == {"title": "seven"}
     assert pipeline.steps["report"].ancestors == ("prep",)
     assert set(pipeline.steps["prep"].executions[0].injectable) == {"output_dir", "mlflow_run_id"}
 

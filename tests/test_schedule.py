@@ -117,6 +117,50 @@ def test_run_left_started_by_a_dead_scheduler_is_settled_as_killed(project):
     assert settled.status == "killed" and "died" in settled.error and settled.ended_at
 
 
+def test_killed_scheduled_run_found_by_its_tag_never_a_live_manual_run(project):
+    """The runs of a dead trigger are KILLED; a manual run started in the same minute, alive, is not."""
+    import socket
+
+    from workbench import pipelines, runs
+
+    pipeline = pipelines.load_pipeline(project)
+    tracking.setup()
+    experiment = tracking.experiment_id("nightly")
+    entry = schedule._record("nightly", "nightly", "started", "nightly")
+    # The scheduled run's owner: a process holding its run's lock, then SIGKILLed.
+    run_dir = pipelines.runs_root("nightly") / "20240101-000000-sched0"
+    run_dir.mkdir(parents=True)
+    lock = run_dir / runs.LOCK_FILE
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'w')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\ntime.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    owner = runs.Owner({"host": socket.gethostname(), "pid": holder.pid, "start": runs.process_start(holder.pid), "lock": str(lock)}, None)
+    pipelines._OWNED[run_dir.name] = (owner, schedule.run_tags("nightly", entry))
+    try:
+        scheduled = pipelines.start_parent_run(pipeline, experiment, run_dir.name)
+    finally:
+        pipelines._OWNED.pop(run_dir.name)
+    holder.kill()
+    holder.wait()
+    # A manual run of the same pipeline, started after the trigger and still running (owned by us).
+    manual_dir = pipelines.new_run_dir(pipeline)
+    manual = pipelines.start_parent_run(pipeline, experiment, manual_dir.name)
+    try:
+        assert schedule.settle(entry, returncode=-9) == "killed"
+        client = MlflowClient()
+        assert client.get_run(scheduled).info.status == "KILLED"
+        assert "history entry" in client.get_run(scheduled).data.tags[runs.KILLED_TAG]
+        assert client.get_run(manual).info.status == "RUNNING", "a live run is never marked killed"
+        settled = schedule.history("nightly")[-1]
+        assert (settled.status, settled.parent_run_id, settled.experiment_id) == ("killed", scheduled, experiment)
+        assert "signal 9" in settled.error
+    finally:
+        pipelines.release_run(manual_dir.name)
+        MlflowClient().set_terminated(manual, "FINISHED")
+
+
 def start_scheduler(home: Path) -> subprocess.Popen:
     log = open(home / "scheduler.log", "ab")
     return subprocess.Popen(

@@ -128,7 +128,7 @@ def test_subject_in_two_splits_is_an_error(tmp_path):
     splits = pl.DataFrame({"subject_id": [1, 1, 2], "split": ["train", "held_out", "train"]})
     root = tmp_path / "m"
     write_dataset(root, frame(subject(1, death=50) + subject(2)), splits=splits)
-    with pytest.raises(WorkbenchError, match=r"subject_splits.*more than one split.*subject_id 1"):
+    with pytest.raises(WorkbenchError, match=r"subject_splits.*listed more than once.*subject_id 1"):
         make_labels(root, spec())
 
 
@@ -219,11 +219,16 @@ def test_labels_file_relative_path_resolves_against_spec_file(cases_root, tmp_pa
 
 def test_labels_file_with_unknown_subjects_or_times_outside_data_fails(cases_root, tmp_path):
     unknown = write_labels(tmp_path / "u.parquet", [(1, T0 + DAY, True), (999, T0 + DAY, True)])
-    with pytest.raises(WorkbenchError, match=r"u.parquet: 1 subject.*missing from the data.*999"):
+    with pytest.raises(WorkbenchError, match=r"u.parquet: column 'subject_id': 1 subject.*no timed events.*999"):
         make_labels(cases_root, spec(prediction_times={"kind": "labels_file", "labels_path": str(unknown)}))
     early = write_labels(tmp_path / "e.parquet", [(1, dt.datetime(1900, 1, 1), True)])
-    with pytest.raises(WorkbenchError, match=r"e.parquet: 1 prediction_time.*outside the data's range"):
+    with pytest.raises(WorkbenchError, match=r"e.parquet: column 'prediction_time': prediction times before the "
+                       r"subject's first event .* \(1 row\(s\); e.g. subject_id=1, prediction_time=1900-01-01"):
         make_labels(cases_root, spec(prediction_times={"kind": "labels_file", "labels_path": str(early)}))
+    late = write_labels(tmp_path / "l.parquet", [(1, dt.datetime(2220, 1, 1), True)])
+    with pytest.raises(WorkbenchError, match=r"l.parquet: column 'prediction_time': prediction times after the last "
+                       r"event of .*no such future"):
+        make_labels(cases_root, spec(prediction_times={"kind": "labels_file", "labels_path": str(late)}))
 
 
 def test_outcome_code_matching_nothing_suggests_closest(cases_root):
@@ -427,3 +432,25 @@ def test_pbc_mortality_cohort_report_matches_direct_count():
     assert {s.split for s in rep.splits} == {"train", "tuning", "held_out"}
     dropped = {r.rule: r.rows_dropped for r in rep.rules}
     assert dropped["censored_competing"] > 0 and dropped["censored_followup"] > 0  # transplants and censoring exist
+
+
+@pytest.mark.parametrize("section, field", [
+    ("outcome", "horizon_days"), ("outcome", "gap_days"),
+    ("prediction_times", "offset_days"), ("inclusion", "min_history_days"),
+])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e12, 36_526, "inf"])
+def test_day_counts_must_be_finite_and_at_most_100_years(section, field, value):
+    """Every day count of a spec: .inf, NaN or more than 100 years is refused naming the field
+    (a date offset of 1e12 days would otherwise overflow while labelling)."""
+    body = {field: value, **({"kind": "offset"} if section == "prediction_times" else {})}
+    if field == "gap_days":
+        body["horizon_days"] = 100
+    with pytest.raises(WorkbenchError, match=rf"{section}\.{field}: .*(finite number of days|more than 100 years)"):
+        task_from_dict({section: body})
+
+
+def test_day_counts_up_to_100_years_are_accepted():
+    task = task_from_dict({"outcome": {"horizon_days": 36_525, "gap_days": 365},
+                           "prediction_times": {"kind": "offset", "offset_days": 36_525},
+                           "inclusion": {"min_history_days": 36_525}})
+    assert task.outcome.horizon_days == 36_525 and task.prediction_times.offset_days == 36_525

@@ -144,6 +144,42 @@ def test_predict_in_a_new_process_matches_in_process_predictions(pbc_runs, tmp_p
     np.testing.assert_allclose(preds["risk"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_predict_without_times_scores_the_tasks_moments_never_at_an_end_of_record(pbc_runs, tmp_path):
+    """The default is every visit the task predicts at, before death / end of follow-up / transplant;
+    a time given at a death is refused, and the CLI says so with exit 2."""
+    from typer.testing import CliRunner
+
+    from workbench.cli import app
+    from workbench.experiment import score
+
+    home, root, _, _ = pbc_runs
+    uri = f"models:/{TASK}@{tracking.CHAMPION}"
+    preds = score(uri, root)
+    events = pl.read_parquet(root / "data")
+    ends = (events.filter(pl.col("code").is_in(["MEDS_DEATH", "END_OF_FOLLOWUP", "PBC//TRANSPLANT"]))
+            .group_by("subject_id").agg(end=pl.col("time").min()))
+    visits = events.filter(pl.col("code") == "VISIT").select("subject_id", pl.col("time").alias("prediction_time")).unique()
+    expected = visits.join(ends, on="subject_id", how="left").filter(
+        pl.col("end").is_null() | (pl.col("prediction_time") < pl.col("end")))
+    assert preds.height == expected.height > 1000  # every visit, not one row per subject at its death
+    assert preds.join(ends, on="subject_id").filter(pl.col("prediction_time") >= pl.col("end")).height == 0
+    # the moments a task predicts at on new data, the same through the plain-MLflow pyfunc
+    import mlflow
+
+    pyfunc = pl.from_pandas(mlflow.pyfunc.load_model(uri).predict(events.filter(pl.col("subject_id") <= 10).to_pandas()))
+    assert pyfunc.select("subject_id", "prediction_time").sort("subject_id", "prediction_time").equals(
+        preds.filter(pl.col("subject_id") <= 10).select("subject_id", "prediction_time").sort("subject_id", "prediction_time"))
+    died = events.filter(pl.col("code") == "MEDS_DEATH").head(1)
+    times = tmp_path / "at_death.parquet"
+    died.select("subject_id", pl.col("time").alias("prediction_time")).write_parquet(times)
+    result = CliRunner().invoke(app, ["predict", "--model", uri, "--data", str(root), "--times", str(times),
+                                      "--out", str(tmp_path / "p.parquet")])
+    assert result.exit_code == 2, result.output
+    assert "at_death.parquet: column 'prediction_time': 1 prediction time(s) at or after" in " ".join(result.output.split())
+    assert f"subject_id={died['subject_id'][0]}" in result.output and "MEDS_DEATH" in result.output
+    assert not (tmp_path / "p.parquet").exists()
+
+
 def test_predict_reports_an_unknown_model(pbc_runs, tmp_path):
     home, root, _, _ = pbc_runs
     proc = subprocess.run(

@@ -220,3 +220,45 @@ def test_cli_process_exit_code(small_meds):
     proc = subprocess.run([sys.executable, "-m", "workbench.cli", "validate", str(small_meds)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "empty_dataset" in proc.stdout + proc.stderr
+
+
+def test_require_valid_cached_validates_unchanged_data_once(small_meds, tmp_path, monkeypatch):
+    import os
+
+    import workbench.data.validate as V
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    calls = []
+    inner = V.validate_dataset
+    monkeypatch.setattr(V, "validate_dataset", lambda root, today=None: calls.append(root) or inner(root, today))
+    first = V.require_valid_cached(small_meds)
+    second = V.require_valid_cached(small_meds)
+    assert len(calls) == 1
+    assert second.ok and second.summary == first.summary and second.problems == first.problems
+    markers = list((tmp_path / "home" / "runs" / ".validated").glob("*.json"))
+    assert len(markers) == 1 and not list(small_meds.glob(".*"))  # nothing written into the dataset
+    # A changed file (new size or modification time) is validated again.
+    path = small_meds / "metadata" / "subject_splits.parquet"
+    pl.read_parquet(path).write_parquet(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    V.require_valid_cached(small_meds)
+    assert len(calls) == 2
+    V.require_valid_cached(small_meds)
+    assert len(calls) == 2
+
+
+def test_require_valid_cached_never_caches_a_failure(small_meds, tmp_path, monkeypatch):
+    import workbench.data.validate as V
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    calls = []
+    inner = V.validate_dataset
+    monkeypatch.setattr(V, "validate_dataset", lambda root, today=None: calls.append(root) or inner(root, today))
+    f = first_shard(small_meds)
+    rewrite(f, lambda t: t.drop_columns(["code"]))
+    for _ in range(2):
+        with pytest.raises(DataValidationError, match="missing_column"):
+            V.require_valid_cached(small_meds)
+    assert len(calls) == 2
+    assert not (tmp_path / "home" / "runs" / ".validated").exists() or not list((tmp_path / "home" / "runs" / ".validated").iterdir())

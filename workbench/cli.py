@@ -255,6 +255,7 @@ def ui_command(
     public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (exposes the runs)."),
 ) -> None:
     """Start the MLflow UI over mlruns/ in the foreground (Ctrl-C stops it)."""
+    reconcile_runs("workbench ui")
     from workbench.ui import check_host, exec_server, install_comparison_views, mlflow_ui_command, server_url
 
     command = mlflow_ui_command(host=host, port=port, public=public)
@@ -293,7 +294,7 @@ def predict(
     model: str = typer.Option(..., "--model", help="Registered model, e.g. models:/pbc_mortality@champion"),
     data: Path = typer.Option(..., "--data", help="MEDS dataset root to score"),
     out: Path = typer.Option(..., "--out", help="Output parquet: subject_id, prediction_time, risk"),
-    times: Optional[Path] = typer.Option(None, "--times", help="Parquet of subject_id, prediction_time (default: each subject's last event)"),
+    times: Optional[Path] = typer.Option(None, "--times", help="Parquet of subject_id, prediction_time (default: the moments the model's task predicts at, before any death or end of follow-up)"),
 ) -> None:
     """Score a MEDS dataset with a registered model and its saved FeatureSpec."""
     from workbench.files import write_parquet_atomic
@@ -316,9 +317,11 @@ def explain(
     from workbench.config import load_yaml_config
     from workbench.experiment import tensors_for_run
     from workbench.explain import ExplainConfig
-    from workbench.explanations import explain_run
+    from workbench.explanations import check_explainable, explain_run
 
-    settings = load_yaml_config(ExplainConfig, config) if config else ExplainConfig()
+    # Cheap refusals first (the YAML, then the run and its model kind), before the tensors are rebuilt.
+    settings = load_yaml_config(ExplainConfig, config) if config is not None else ExplainConfig()
+    check_explainable(run)
     result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples)
     out = Console()
     out.print(f"{result.frame.select('subject_id', 'prediction_time').n_unique():,} samples explained; "
@@ -396,6 +399,7 @@ def schedule_list(
     auroc_drop: float = typer.Option(0.05, "--auroc-drop", help="Flag a run whose held-out AUROC fell by more than this"),
 ) -> None:
     """Schedules with their next run, last run, last status and MLflow parent run."""
+    reconcile_runs("workbench schedule list")
     from rich.table import Table
 
     from workbench.schedule import list_schedules
@@ -478,15 +482,17 @@ def server_command(
     public: bool = typer.Option(False, "--public", help="Allow a non-loopback --host (put TLS in front of it)."),
     allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Host headers to accept when public (mlflow's flag)."),
     auth_db_uri: Optional[str] = typer.Option(None, "--auth-db-uri", help="Database for users and permissions (default: the backend store)."),
-    default_permission: str = typer.Option("READ", "--default-permission", help="What users may do with others' experiments."),
+    default_permission: str = typer.Option(
+        "NO_PERMISSIONS", "--default-permission",
+        help="What users may do with others' experiments: NO_PERMISSIONS (default: only what they are granted) or READ, EDIT, MANAGE.",
+    ),
     state: Optional[Path] = typer.Option(None, "--state-dir", help="Holds basic_auth.ini and the CSRF key (default ./mlflow-server)."),
     print_only: bool = typer.Option(False, "--print", help="Print the mlflow server command line and exit."),
 ) -> None:
-    """Start a shared MLflow tracking server: PostgreSQL store, proxied artifacts, basic auth (Ctrl-C stops it)."""
+    """Start a shared MLflow tracking server: PostgreSQL store, proxied artifacts, basic auth (Ctrl-C or SIGTERM stops it)."""
     import shlex
 
-    from workbench.server import tracking_server_command
-    from workbench.ui import exec_server
+    from workbench.server import serve, tracking_server_command
 
     command = tracking_server_command(
         backend_store_uri, artifacts_destination, host=host, port=port, workers=workers, public=public,
@@ -501,7 +507,9 @@ def server_command(
         f"MLflow tracking server: {command.url}  (clients: MLFLOW_TRACKING_URI={command.url.rstrip('/')} "
         "with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)", highlight=False, soft_wrap=True,
     )
-    exec_server(command)
+    code = serve(command)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("deploy")
@@ -602,10 +610,52 @@ def run_pipeline_command(
     ),
 ) -> None:
     """Run a pipeline's notebooks with Papermill, one MLflow run each (exit 1 if a step fails)."""
+    reconcile_runs("workbench run")
     from workbench.pipelines import parse_overrides, run_pipeline
 
     result = run_pipeline(find_pipeline(pipeline), parse_overrides(param), force=force, engine=engine, console=console)
     print_pipeline_result(result)
+
+
+# --- runs commands (reconcile) ---
+
+runs_app = typer.Typer(no_args_is_help=True, help="Pipeline runs in MLflow: settle the ones whose process died.")
+app.add_typer(runs_app, name="runs")
+
+
+def reconcile_runs(found_by: str, strict: bool = False) -> list:
+    """Mark KILLED the RUNNING pipeline runs whose owner process is gone, one line each on stderr.
+
+    Called first by ``run``, ``ui`` and ``schedule list``; there a problem (store unreachable)
+    is a warning, never the command's failure. ``strict`` lets it raise instead.
+    """
+    from workbench.runs import reconcile
+
+    try:
+        killed = reconcile(found_by)
+    except Exception as exc:
+        if strict:
+            raise
+        console.print(f"[yellow]warning:[/] could not check for killed runs: {escape(f'{type(exc).__name__}: {exc}')}",
+                      highlight=False, soft_wrap=True)
+        return []
+    for run in killed:
+        console.print(f"[bold red]killed:[/] {escape(run.describe())}", highlight=False, soft_wrap=True)
+    return killed
+
+
+@runs_app.command("reconcile")
+@reports_errors
+def runs_reconcile() -> None:
+    """Mark KILLED the RUNNING pipeline runs (and steps) whose process died; tidy their run folders.
+
+    A run's owner is the process holding its lock (runs/<pipeline>/<run>/.owner.lock); runs of
+    a live owner, or of one on another host, are left alone. `workbench run`, `workbench ui`
+    and `workbench schedule list` do the same first.
+    """
+    killed = reconcile_runs("workbench runs reconcile", strict=True)
+    if not killed:
+        stdout_console().print("no killed runs: every RUNNING pipeline run has a live owner", highlight=False)
 
 
 # --- demo ---

@@ -78,12 +78,12 @@ def prepare_cohort(task, data, features: dict | FeatureConfig | None = None) -> 
     ``data`` a bundled dataset name or a MEDS directory; ``features`` FeatureConfig fields.
     """
     from workbench.data.datasets import resolve
-    from workbench.data.validate import require_valid
+    from workbench.data.validate import require_valid_cached
     from workbench.features import fit_transform
     from workbench.tasks import make_labels
 
     root = resolve(data)
-    require_valid(root)
+    require_valid_cached(root)
     spec = load_task(task)
     config = feature_config(spec, features)
     labelled = make_labels(root, spec)

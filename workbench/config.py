@@ -68,3 +68,85 @@ def split_settings(settings: dict, configs: dict) -> dict:
         except ValidationError as exc:
             raise WorkbenchError(validation_message(f"-p ({cls.__name__})", exc)) from None
     return out
+
+
+#: The typed configs behind each shipped notebook's parameters (by notebook file stem): a parameter
+#: named after a field is checked against that field, a dict parameter against its whole config,
+#: ``model`` against the model kinds. Imported only when a pipeline runs such a notebook.
+NOTEBOOK_CONFIGS: dict[str, dict] = {
+    "01_cohort": {"dicts": {"features": "workbench.features:FeatureConfig"}},
+    "02_train": {
+        "fields": ("workbench.models:ModelConfig", "workbench.training:TrainConfig", "workbench.evaluation:EvalConfig"),
+        "dicts": {"features": "workbench.features:FeatureConfig"},
+        "choices": {"model": "workbench.experiment:MODEL_KINDS"},
+    },
+    "03_explain": {
+        "fields": ("workbench.explain:ExplainConfig",),
+        "dicts": {"explain_settings": "workbench.explain:ExplainConfig"},
+    },
+}
+_SCALARS = (bool, int, float, str)
+
+
+def _load(target: str):
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _type_name(value) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[type(value)]
+
+
+def check_notebook_parameters(notebook, params: dict, declared: dict, where: str) -> None:
+    """Refuse a parameter value of the wrong type or out of range before any notebook runs.
+
+    ``params`` are the values a pipeline passes to ``notebook`` (YAML and ``-p``), ``declared`` the
+    notebook's parameters with their defaults (Papermill's inspection). A shipped notebook's values
+    are validated by the typed config field of the same name (type, range, allowed values); any
+    other parameter whose default is a bool, number or string must get the same kind of value.
+    """
+    import ast
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from workbench.errors import WorkbenchError
+
+    known = NOTEBOOK_CONFIGS.get(Path(notebook).stem, {})
+    field_configs = [_load(t) for t in known.get("fields", ())] if params else []
+    problems = []
+    for key, value in params.items():
+        config = next((c for c in field_configs if key in c.model_fields), None)
+        if config is not None:
+            try:
+                config.model_validate({key: value})
+            except ValidationError as exc:
+                problems.append(validation_message(f"{where}: parameter", exc).replace(": parameter: ", ": parameter "))
+        elif key in known.get("dicts", {}):
+            config = _load(known["dicts"][key])
+            if not isinstance(value, dict):
+                problems.append(f"{where}: parameter {key}: expected a mapping of {config.__name__} fields (got {value!r})")
+                continue
+            try:
+                config.model_validate(value)
+            except ValidationError as exc:
+                problems.append(validation_message(f"{where}: parameter {key}", exc))
+        elif key in known.get("choices", {}):
+            choices = _load(known["choices"][key])
+            if value not in choices:
+                problems.append(f"{where}: parameter {key}: {value!r} is not one of {', '.join(choices)}")
+        else:
+            try:
+                default = ast.literal_eval(declared.get(key, {}).get("default", "None"))
+            except (ValueError, SyntaxError):
+                continue
+            if type(default) not in _SCALARS or value is None:
+                continue
+            fits = type(value) is type(default) or (type(default) is float and type(value) is int)
+            if not fits:
+                problems.append(f"{where}: parameter {key}: expected {_type_name(default)} like its default "
+                                f"{default!r} in {Path(notebook).name} (got {value!r})")
+    if problems:
+        raise WorkbenchError("\n".join(problems))

@@ -92,7 +92,7 @@ def cross_validate(
     """
     from workbench.cohort import feature_config
     from workbench.data.datasets import resolve
-    from workbench.data.validate import require_valid
+    from workbench.data.validate import require_valid_cached
     from workbench.experiment import MODEL_KINDS, fit_model, horizon_days, inputs, not_applicable, recalibrate
     from workbench.features import fit_transform
     from workbench.tasks import load_task, make_labels
@@ -105,7 +105,7 @@ def cross_validate(
     eval_config = eval_config or EvalConfig()
     train_config = (train_config or TrainConfig()).model_copy(update={"progress": False})
     root = resolve(data)
-    require_valid(root)
+    require_valid_cached(root)
     spec = load_task(task)
     labels = make_labels(root, spec).labels
     config = feature_config(spec, features)

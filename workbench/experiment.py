@@ -365,7 +365,7 @@ def run_model(
         from workbench.serving import log_risk_model
 
         info = log_risk_model(fitted, tensors.spec, kind=kind, options=fitted.options,
-                              metadata={"task": task.name, "model_kind": kind, "architecture": arch})
+                              metadata={"task": task.name, "model_kind": kind, "architecture": arch}, task=task)
         registry = None
         if register:
             version_tags = {
@@ -385,20 +385,21 @@ def run_model(
 
 
 def score(model_uri: str, data_root, times=None) -> pl.DataFrame:
-    """Risk for ``times`` (subject_id, prediction_time; default: each subject's last event).
+    """Risk for ``times`` (subject_id, prediction_time; default: the moments the model's task predicts at).
 
     The model is loaded the standard MLflow way and new data is tensorized with its own saved
     FeatureSpec (never refitted): the same code path as ``mlflow.pyfunc.load_model(...).predict``.
     """
-    from workbench.data.validate import require_valid
+    from workbench.data.validate import require_valid_cached
     from workbench.features import load_labels
     from workbench.serving import load_risk_model
 
-    require_valid(data_root)
+    require_valid_cached(data_root)
     tracking.setup()
     tracking.run_of_model(model_uri)  # a clear error for an unknown name, alias or version
     model = load_risk_model(model_uri)
-    return model.score(data_root, None if times is None else load_labels(times).select("subject_id", "prediction_time"))
+    samples = None if times is None else load_labels(times).select("subject_id", "prediction_time")
+    return model.score(data_root, samples, source=str(times))
 
 
 def save_model_run(run: ModelRun, directory) -> None:
@@ -444,6 +445,11 @@ def tensors_for_run(run_id: str) -> SequenceTensors:
     from workbench.tasks import make_labels
 
     root = model_run_tags(run_id)[tracking.DATA_ROOT_TAG]
-    spec = FeatureSpec.load(tracking.download_artifact(run_id, "feature_spec.json"))
+    try:
+        spec_path = tracking.download_artifact(run_id, "feature_spec.json")
+    except (OSError, mlflow.exceptions.MlflowException):
+        raise WorkbenchError(f"run {run_id}: has no feature_spec.json artifact, so its tensors cannot be rebuilt "
+                             "(was it logged by a workbench train step?)") from None
+    spec = FeatureSpec.load(spec_path)
     labels = make_labels(root, task_of_run(run_id)).labels
     return transform(root, labels, spec)

@@ -21,16 +21,24 @@ from workbench.features import SequenceTensors
 from workbench.files import write_parquet_atomic
 
 
+def check_explainable(run_id: str) -> str:
+    """The model kind of ``run_id``, a sequence model run; otherwise a WorkbenchError that says why
+    (no such run, not a workbench model run, or a model without time steps to explain)."""
+    kind = model_run_tags(run_id).get(tracking.MODEL_TAG)
+    if kind not in SEQUENCE_KINDS:
+        raise WorkbenchError(f"run {run_id} is a {kind or 'unknown'!r} model run: SHAP per time step needs a sequence "
+                             f"model run ({', '.join(SEQUENCE_KINDS)}); a {kind or 'non-sequence'} model has no "
+                             "time steps to explain")
+    return kind
+
+
 def sequence_network(run_id: str):
     """The Keras network a sequence model run logged (inside its pyfunc), for SHAP, and which output
     SHAP then explains: the calibrated risk the model reports (a Platt map is folded into the
     network's last layer), or, with an isotonic map, the network's risk before that map."""
     from workbench.serving import KerasPredictor, MODEL_PATH, load_risk_model
 
-    kind = model_run_tags(run_id).get(tracking.MODEL_TAG)
-    if kind not in SEQUENCE_KINDS:
-        raise WorkbenchError(f"run {run_id} is a {kind!r} model: SHAP per time step explains sequence models "
-                             f"({', '.join(SEQUENCE_KINDS)}) only")
+    check_explainable(run_id)
     model = load_risk_model(f"runs:/{run_id}/{MODEL_PATH}")
     if not isinstance(model.predictor, KerasPredictor):
         raise WorkbenchError(f"run {run_id}: its model holds no Keras network")
@@ -180,6 +188,7 @@ def choose_run_to_explain(run_id: str | None, upstream: dict | None, task: str) 
     ``upstream["train"]``); else the task's registered sequence model with the best tuning AUROC
     (the champion itself when it is a sequence model: a reference has no time steps to explain)."""
     if run_id:
+        check_explainable(run_id)  # before any tensors are rebuilt for it
         return run_id
     if upstream and upstream.get("train"):
         return best_sequence_run(upstream["train"])["run_id"]

@@ -49,8 +49,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from workbench.data.meds_io import SPLITS_FILE, EventFrame, MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
-from workbench.files import replace_directory
+from workbench.files import replace_directory, temporary_directory_for, write_text_atomic
 
 Agg = Literal["last", "mean", "min", "max"]
 US_PER_DAY = 86_400_000_000
@@ -232,15 +230,7 @@ class FeatureSpec(BaseModel):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as JSON (atomically: temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            tmp.write_text(self.model_dump_json(indent=2) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_text_atomic(path, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureSpec":
@@ -369,8 +359,7 @@ class SequenceTensors:
         directory = Path(directory)
         if directory.exists() and not overwrite:
             raise WorkbenchError(f"{directory}: already exists")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        tmp = temporary_directory_for(directory)
         try:
             np.savez(tmp / TENSORS_FILE, **self._arrays())
             self.spec.save(tmp / SPEC_FILE)
@@ -427,34 +416,11 @@ def as_dataset(dataset: MedsDataset | EventFrame | str | os.PathLike) -> MedsDat
 
 
 def load_labels(labels: pl.DataFrame | str | os.PathLike) -> pl.DataFrame:
-    """Labels as ``subject_id Int64, prediction_time Datetime(us), boolean_value Boolean`` (checked)."""
-    source = "labels"
-    if not isinstance(labels, pl.DataFrame):
-        source = str(labels)
-        try:
-            labels = pl.read_parquet(labels)
-        except (OSError, pl.exceptions.PolarsError) as exc:
-            raise WorkbenchError(f"{source}: cannot read labels parquet: {exc}") from None
-    for column in ("subject_id", "prediction_time"):
-        if column not in labels.columns:
-            raise WorkbenchError(f"{source}: missing column {column!r} (MEDS label schema: subject_id, prediction_time, boolean_value)")
-    if "boolean_value" not in labels.columns:
-        labels = labels.with_columns(pl.lit(None, dtype=pl.Boolean).alias("boolean_value"))
-    try:
-        labels = labels.select(
-            pl.col("subject_id").cast(pl.Int64),
-            pl.col("prediction_time").cast(pl.Datetime("us")),
-            pl.col("boolean_value").cast(pl.Boolean),
-        )
-    except pl.exceptions.PolarsError as exc:
-        raise WorkbenchError(f"{source}: labels have the wrong column types: {exc}") from None
-    for column in ("subject_id", "prediction_time"):
-        nulls = labels[column].null_count()
-        if nulls:
-            raise WorkbenchError(f"{source}: column {column!r} has {nulls} null value(s)")
-    if labels.height == 0:
-        raise WorkbenchError(f"{source}: no labels (0 rows)")
-    return labels
+    """Labels as ``subject_id Int64, prediction_time Datetime(us), boolean_value Boolean`` (checked by
+    the project's one labels reader, :func:`workbench.labels.read_labels`)."""
+    from workbench.labels import read_labels
+
+    return read_labels(labels)
 
 
 def _subject_splits(dataset: MedsDataset) -> pl.DataFrame:
@@ -566,12 +532,6 @@ def age_query(events: pl.LazyFrame, samples: pl.LazyFrame, birth_code: str) -> p
     )
 
 
-def missing_subjects_query(events: pl.LazyFrame, samples: pl.LazyFrame) -> pl.LazyFrame:
-    """Labelled subjects without a single event in the data."""
-    present = events.select("subject_id").unique()
-    return samples.select("subject_id").unique().join(present, on="subject_id", how="anti").sort("subject_id")
-
-
 def collect_queries(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
     """Run all queries in one go on the streaming engine (bounded memory for large datasets)."""
     try:
@@ -581,14 +541,12 @@ def collect_queries(*queries: pl.LazyFrame) -> list[pl.DataFrame]:
 
 
 def _read_events(dataset: MedsDataset, samples: pl.DataFrame, config: FeatureConfig) -> _Events:
-    """The single pass over the events (also checks that every labelled subject has events)."""
+    """The single pass over the events (the labels were checked against them in prepare_samples)."""
     events = dataset.events()
     lazy = samples.lazy()
-    bins, static, age, missing = collect_queries(
-        _bins_query(events, lazy, config), static_query(events, lazy),
-        age_query(events, lazy, config.birth_code), missing_subjects_query(events, lazy),
+    bins, static, age = collect_queries(
+        _bins_query(events, lazy, config), static_query(events, lazy), age_query(events, lazy, config.birth_code),
     )
-    raise_if_missing(missing, dataset)
     return _Events(bins, static, age)
 
 
@@ -934,22 +892,22 @@ def _finish(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec, chunk: int = 1
 def prepare_samples(dataset, labels, splits: pl.DataFrame | None = None) -> tuple[MedsDataset, pl.DataFrame]:
     """The dataset opened and the labels as samples with their split (the dataset's, or ``splits``:
     ``subject_id, split``, e.g. one fold of a cross-validation)."""
+    from workbench.labels import check_labels_in_data
+
     dataset = as_dataset(dataset)
-    samples = _samples(load_labels(labels), _subject_splits(dataset) if splits is None else splits)
+    if isinstance(dataset, MedsDataset):
+        from workbench.data.validate import require_valid_cached
+
+        require_valid_cached(dataset.root)  # the MEDS checks of `workbench validate`, free when unchanged
+    labels_frame = load_labels(labels)
+    check_labels_in_data(labels_frame, dataset.events(), str(dataset.root),
+                         source="labels" if isinstance(labels, pl.DataFrame) else str(labels))
+    samples = _samples(labels_frame, _subject_splits(dataset) if splits is None else splits)
     return dataset, samples
 
 
 def _layout_from_spec(spec: FeatureSpec) -> _Layout:
     return _Layout(spec.config, list(spec.numeric_codes), list(spec.count_codes), list(spec.static_codes), spec.include_age)
-
-
-def raise_if_missing(missing: pl.DataFrame, dataset: MedsDataset) -> None:
-    if missing.height:
-        ids = missing["subject_id"].head(10).to_list()
-        raise WorkbenchError(
-            f"labels: {missing.height} subject_id(s) have no events in {dataset.root} (e.g. {ids}); "
-            "labels must come from this dataset"
-        )
 
 
 def _warn_unseen(codes: list[str]) -> None:
@@ -996,7 +954,6 @@ def fit(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | o
     """Learn a FeatureSpec from the train-split labels only (codes, medians, mean/std)."""
     config = config or FeatureConfig()
     dataset, samples = prepare_samples(dataset, labels)
-    raise_if_missing(collect_queries(missing_subjects_query(dataset.events(), samples.lazy()))[0], dataset)
     _require_train(samples, dataset)
     # only train samples are read: held-out events cannot reach the statistics
     train_samples = samples.filter(pl.col("split") == "train").with_columns(

@@ -17,13 +17,49 @@ from typing import Any, Optional
 
 
 def _temporary_sibling(path: Path, kind: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+    """``.NAME.tmp-<pid>-<random>``: the writer's pid lets a later writer tell a dead one's leftovers."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``target`` left by writers that died (killed mid-write):
+    ``.NAME.tmp-<pid>-*`` and ``.NAME.old-<pid>-*`` whose pid is gone. Returns what was removed."""
+    target = Path(target)
+    removed = []
+    prefix = f".{target.name}."
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        rest = sibling.name[len(prefix):] if sibling.name.startswith(prefix) else ""
+        kind, _, tail = rest.partition("-")
+        pid = tail.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
 
 
 def _write_via_temporary(path: str | os.PathLike, write) -> Path:
     """``write(tmp)`` into a temporary sibling of ``path``, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _temporary_sibling(path)
     try:
         write(tmp)
@@ -47,13 +83,37 @@ def temporary_directory_for(target: str | os.PathLike) -> Path:
     """A new empty folder beside ``target`` (same file system, so it can be renamed onto it)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = _temporary_sibling(target)
     tmp.mkdir()
     return tmp
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    ok = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return ok
+
+
 def replace_directory(tmp: Path, target: Path) -> None:
-    """Move the finished folder ``tmp`` onto ``target``, replacing an old one only at the last moment."""
+    """Move the finished folder ``tmp`` onto ``target``. An existing target is swapped with it in
+    one atomic step, so a reader sees the old folder or the new one and never a missing one; where
+    the file system cannot swap, the old one is renamed aside only at the last moment."""
+    tmp, target = Path(tmp), Path(target)
+    if target.exists() and _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        return
     old = None
     if target.exists():
         old = _temporary_sibling(target, "old")

@@ -48,8 +48,9 @@ from typing import Any, Iterator, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from workbench import tracking
+from workbench import runs, tracking
 from workbench.errors import WorkbenchError
+from workbench.config import check_notebook_parameters
 from workbench.files import code_fingerprint, directory_digest, path_fingerprint, write_text_atomic
 
 KERNEL_NAME = "workbench"
@@ -504,6 +505,8 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     for name in order:
         wanted = {k: v for k, v in step_overrides.items() if k in declared[name]}
         executions = _plan_step(name, spec.steps[name], params, wanted, notebooks[name], declared[name], source)
+        for execution in executions:  # a wrong type or range fails here, before any kernel starts
+            check_notebook_parameters(notebooks[name], execution.params, declared[name], f"{source.path}: step {execution.label}")
         steps[name] = Step(name, notebooks[name], tuple(spec.steps[name].needs), _ancestors(spec, name, order), executions)
     from workbench.tasks import task_name
 
@@ -542,12 +545,34 @@ def runs_root(pipeline_name: str) -> Path:
     return tracking.project_home() / "runs" / pipeline_name
 
 
-def new_run_dir(pipeline: Pipeline) -> Path:
-    """A fresh ``runs/<pipeline>/<timestamp>-<id>/`` for one pipeline run."""
+def new_run_dir(pipeline: Pipeline, tags: Optional[dict[str, str]] = None) -> Path:
+    """A fresh ``runs/<pipeline>/<timestamp>-<id>/`` for one pipeline run, owned by this process.
+
+    The process holds the run's owner lock (:func:`workbench.runs.claim`) until
+    :func:`release_run`; its parent and child MLflow runs are tagged with the owner and ``tags``.
+    """
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = runs_root(pipeline.name) / f"{stamp}-{uuid.uuid4().hex[:6]}"
     run_dir.mkdir(parents=True)
+    _OWNED[run_dir.name] = (runs.claim(run_dir), {str(k): str(v) for k, v in (tags or {}).items()})
     return run_dir
+
+
+#: Pipeline runs this process owns: pipeline run id -> (owner lock, extra tags of its MLflow runs).
+_OWNED: dict[str, tuple[runs.Owner, dict[str, str]]] = {}
+
+
+def release_run(pipeline_run_id: str) -> None:
+    """Give up a pipeline run once its MLflow runs are ended: its owner lock is free from then on."""
+    owned = _OWNED.pop(pipeline_run_id, None)
+    if owned is not None:
+        owned[0].release()
+
+
+def _owned_tags(pipeline_run_id: str) -> dict[str, str]:
+    """The owner tag and extra tags of a run this process owns (nothing for one it does not)."""
+    owned = _OWNED.get(pipeline_run_id)
+    return {} if owned is None else {**owned[1], runs.OWNER_TAG: owned[0].tag}
 
 
 def cache_key(execution: Execution, upstream: dict[str, list[ExecutionResult]]) -> str:
@@ -640,11 +665,13 @@ def _params_batch(params: dict[str, Any]):
 
 
 def start_parent_run(pipeline: Pipeline, experiment_id: str, pipeline_run_id: str) -> str:
-    """Create the pipeline's parent run (tags: pipeline, YAML hash, git commit, pipeline run id)."""
+    """Create the pipeline's parent run (tags: pipeline, YAML hash, git commit, pipeline run id,
+    and, for a run dir from :func:`new_run_dir`, its owner and extra tags)."""
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
     client = _client()
     tags = {
+        **_owned_tags(pipeline_run_id),
         "workbench.pipeline": pipeline.name,
         "workbench.pipeline_yaml": str(pipeline.path),
         "workbench.pipeline_yaml_sha256": pipeline.yaml_sha256,
@@ -664,6 +691,7 @@ def _start_child_run(
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
     tags = {
+        **_owned_tags(pipeline_run_id),
         "workbench.pipeline": pipeline.name,
         "workbench.pipeline_run_id": pipeline_run_id,
         "workbench.step": execution.step,
@@ -857,24 +885,38 @@ def run_pipeline(
     force: bool = False,
     engine: Optional[str] = None,
     console=None,
+    tags: Optional[dict[str, str]] = None,
 ) -> PipelineResult:
     """Validate, then run every step in order under one parent MLflow run; stops at the first failure.
 
     Returns the result whatever happened (check ``result.ok`` or call ``raise_for_failure()``);
     invalid YAML raises :class:`WorkbenchError` before any run, folder or kernel is created.
+    ``tags`` are set on the parent and every child run (the scheduler tags its runs with the
+    schedule); this process owns the run (``workbench.owner``) until every run is ended.
     """
     pipeline = load_pipeline(path, overrides)
     engine = engine or pipeline.engine
     if engine == "prefect":
         from workbench.orchestrate import run_with_prefect  # same execute_step, Prefect schedules it
 
-        return run_with_prefect(pipeline, force=force)
+        result = run_with_prefect(pipeline, force=force)
+        release_run(result.pipeline_run_id)  # the flow ran here, in this process, and has ended its runs
+        return result
     if engine != "local":
         raise WorkbenchError(f"{pipeline.path}: engine {engine!r} is not available here (use 'local' or 'prefect')")
     ensure_kernelspec()
     tracking.setup()
-    experiment = tracking.experiment_id(pipeline.experiment)
-    run_dir = new_run_dir(pipeline)
+    with runs.store_lock():  # another run may be creating the same new store or experiment right now
+        experiment = tracking.experiment_id(pipeline.experiment)
+    run_dir = new_run_dir(pipeline, tags)
+    pipeline_run_id = run_dir.name
+    try:
+        return _run_owned(pipeline, experiment, run_dir, force, console)
+    finally:
+        release_run(pipeline_run_id)  # only now: every MLflow run of it is ended
+
+
+def _run_owned(pipeline: Pipeline, experiment: str, run_dir: Path, force: bool, console) -> PipelineResult:
     pipeline_run_id = run_dir.name
     parent_run_id = start_parent_run(pipeline, experiment, pipeline_run_id)
     progress = _Progress(console, len(pipeline.executions))

@@ -16,6 +16,11 @@ Each scheduled run (:func:`run_scheduled`):
 * records started / finished / failed / skipped / killed in ``runs/.scheduler/history.sqlite``.
   A child that dies without writing its result (SIGKILL, OOM) is ``killed``, and its MLflow
   runs still RUNNING are terminated KILLED so nothing reports it as finished.
+
+Every MLflow run a scheduled run creates is tagged ``workbench.schedule`` (the schedule) and
+``workbench.schedule_entry`` (its history entry id), so the runs of one trigger are found by
+tag, never by a time window; and only runs whose owner process is gone
+(:mod:`workbench.runs`) are ever terminated, so a live manual run is never touched.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,9 @@ from workbench.errors import WorkbenchError
 from workbench.files import write_text_atomic
 
 log = logging.getLogger(__name__)
+
+SCHEDULE_TAG = "workbench.schedule"  # on every MLflow run a scheduled run creates: the schedule's name
+ENTRY_TAG = "workbench.schedule_entry"  # ... and the id of its history entry
 
 JOB_FUNC = "workbench.schedule:run_scheduled"  # a textual reference: the job store pickles it as text
 WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]  # crontab numbering: 0 (and 7) is Sunday
@@ -316,19 +323,20 @@ def run_scheduled(pipeline: str, overrides: dict[str, Any], schedule: str, force
         return "skipped"
     try:
         entry_id = _record(schedule, loaded.name, "started", loaded.experiment)
-        started_ms = int(time.time() * 1000)
-        returncode = _run_child(entry_id, str(loaded.path), overrides, force, lock)
-        # Settle while still holding the lock: no newer run of this pipeline can be mistaken for this one.
-        status = settle(entry_id, since_ms=started_ms, returncode=returncode)
+        returncode = _run_child(entry_id, str(loaded.path), overrides, force, lock, schedule)
+        status = settle(entry_id, returncode=returncode)
     finally:
         lock.close()
     log.info("schedule %s: %s", schedule, status)
     return status
 
 
-def _run_child(entry_id: int, pipeline: str, overrides: dict[str, Any], force: bool, lock) -> int:
+def _run_child(entry_id: int, pipeline: str, overrides: dict[str, Any], force: bool, lock, schedule: str = "") -> int:
     """Run the pipeline in ``python -m workbench.schedule``; it inherits the lock. Returns its exit code."""
-    job = {"pipeline": pipeline, "overrides": overrides, "force": force, "result": str(_result_file(entry_id))}
+    job = {
+        "pipeline": pipeline, "overrides": overrides, "force": force, "result": str(_result_file(entry_id)),
+        "tags": run_tags(schedule, entry_id),
+    }
     log_file = state_dir() / "logs" / f"{entry_id}.log"
     log_file.parent.mkdir(exist_ok=True)
     env = {**os.environ, "WORKBENCH_HOME": str(tracking.project_home())}
@@ -344,7 +352,12 @@ def _run_child(entry_id: int, pipeline: str, overrides: dict[str, Any], force: b
         return proc.wait()
 
 
-def settle(entry_id: int, since_ms: int, returncode: Optional[int] = None) -> str:
+def run_tags(schedule: str, entry_id: int) -> dict[str, str]:
+    """The tags of the MLflow runs one trigger of a schedule creates."""
+    return {SCHEDULE_TAG: schedule, ENTRY_TAG: str(entry_id)}
+
+
+def settle(entry_id: int, returncode: Optional[int] = None) -> str:
     """Record a started run's outcome from its result file; no result file means the child was killed."""
     entry = _entry(entry_id)
     try:
@@ -355,42 +368,38 @@ def settle(entry_id: int, since_ms: int, returncode: Optional[int] = None) -> st
         values = {k: result.get(k) for k in ("status", "parent_run_id", "experiment_id", "error", "auroc_change")}
     else:
         how = f"signal {-returncode}" if returncode is not None and returncode < 0 else f"exit code {returncode}"
-        killed = mark_killed_runs(entry.pipeline, entry.experiment, since_ms, f"the pipeline process died ({how})")
+        parent = mark_killed_runs(entry)
         values = {
-            "status": "killed", "parent_run_id": killed[0][0] if killed else None,
-            "experiment_id": killed[0][1] if killed else None,
+            "status": "killed", "parent_run_id": parent[0] if parent else None,
+            "experiment_id": parent[1] if parent else None,
             "error": f"the pipeline process died ({how}) before recording a result",
         }
     _update(entry_id, ended_at=_now(), **values)
     return values["status"]
 
 
-def mark_killed_runs(pipeline: str, experiment: Optional[str], since_ms: int, reason: str) -> list[tuple[str, str]]:
-    """Terminate as KILLED the RUNNING parent runs of ``pipeline`` started since ``since_ms``, and their children.
+def mark_killed_runs(entry: HistoryEntry) -> Optional[tuple[str, str]]:
+    """Terminate as KILLED the still RUNNING MLflow runs of one trigger whose owner process is gone.
 
-    Call only while holding the pipeline's lock: then no scheduled run of it is alive. Returns
-    ``(parent run id, experiment id)`` pairs, newest first.
+    The runs are found by their ``workbench.schedule_entry`` tag, not by when they started, and
+    :func:`workbench.runs.reconcile` ends only runs whose owner is gone. Returns the trigger's
+    ``(parent run id, experiment id)`` (killed now, or already ended), or None when it made none.
     """
     from mlflow.tracking import MlflowClient
 
-    tracking.setup()
+    from workbench import runs
+
+    if not runs.store_exists():
+        return None  # the run died before it created anything in MLflow
+    tags = run_tags(entry.schedule, entry.id)
+    runs.reconcile(f"the scheduler (schedule {entry.schedule}, history entry {entry.id})", tags=tags)
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment or pipeline)
+    exp = client.get_experiment_by_name(entry.experiment or entry.pipeline)
     if exp is None:
-        return []  # the run died before it created anything in MLflow
-    running = "attributes.status = 'RUNNING'"
-    parents = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`workbench.pipeline` = '{pipeline}' and tags.`workbench.pipeline_yaml` IS NOT NULL "
-        f"and {running} and attributes.start_time >= {since_ms}",
-        order_by=["attributes.start_time DESC"],
-    )
-    for parent in parents:
-        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and {running}")
-        for run in [*children, parent]:
-            client.set_tag(run.info.run_id, "workbench.error", reason)
-            client.set_terminated(run.info.run_id, "KILLED")
-    return [(p.info.run_id, exp.experiment_id) for p in parents]
+        return None
+    where = " and ".join([f"tags.`{runs.PARENT_TAG}` IS NOT NULL", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    parents = client.search_runs([exp.experiment_id], where, max_results=1, order_by=["attributes.start_time DESC"])
+    return (parents[0].info.run_id, exp.experiment_id) if parents else None
 
 
 def _pid_alive(pid: Optional[int]) -> bool:
@@ -419,8 +428,7 @@ def reconcile() -> list[int]:
         if lock is None:
             continue
         try:
-            since = int(dt.datetime.fromisoformat(entry.triggered_at).timestamp() * 1000)
-            settle(entry.id, since_ms=since)
+            settle(entry.id)
             settled.append(entry.id)
         finally:
             lock.close()
@@ -433,7 +441,7 @@ def _child_main(job: dict) -> int:
 
     result: dict[str, Any] = {"status": "failed", "parent_run_id": None, "experiment_id": None, "error": None}
     try:
-        run = pipelines.run_pipeline(job["pipeline"], job["overrides"], force=job["force"])
+        run = pipelines.run_pipeline(job["pipeline"], job["overrides"], force=job["force"], tags=job.get("tags"))
         result["parent_run_id"] = run.parent_run_id
         result["status"] = "finished" if run.ok else "failed"
         result["error"] = None if run.ok else run.failure.error

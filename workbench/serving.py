@@ -8,8 +8,10 @@ dependencies (nothing imported or set beforehand)::
     risks = model.predict(events)   # pandas or polars: subject_id, time, code, numeric_value
 
 returns one row per (subject_id, prediction_time) with its ``risk``. Without a
-``prediction_time`` column each subject is scored as of its last timed event; with one, every
-distinct non-null (subject_id, prediction_time) in the frame is scored. The usual way: append
+``prediction_time`` column the model scores the moments its task predicts at (e.g. every visit),
+never at or after a subject's death or end of follow-up; with one, every distinct non-null
+(subject_id, prediction_time) in the frame is scored (and one at or after the end of a record is
+refused). The usual way: append
 one row per prediction wanted, ``subject_id`` and ``prediction_time`` with no ``code`` (such
 rows are requests, not events; joining the times onto the events would duplicate them).
 ``mlflow models serve`` answers the same request over REST.
@@ -107,23 +109,11 @@ def request_frame(model_input) -> pl.DataFrame:
     return frame
 
 
-def request_samples(frame: pl.DataFrame) -> pl.DataFrame:
-    """(subject_id, prediction_time) to score: the frame's own prediction times, else each subject's last event."""
+def request_samples(frame: pl.DataFrame) -> pl.DataFrame | None:
+    """(subject_id, prediction_time) to score: the frame's own prediction times, else None (the
+    moments the model's task predicts at)."""
     asked = frame.select("subject_id", "prediction_time").drop_nulls()
-    if asked.height:
-        return asked.unique().sort("subject_id", "prediction_time")
-    return last_event_times(frame.lazy())
-
-
-def last_event_times(events: pl.LazyFrame) -> pl.DataFrame:
-    """One prediction time per subject: its last timed event (score everyone as of their latest data)."""
-    times = (
-        events.drop_nulls("time").group_by("subject_id").agg(pl.col("time").max().alias("prediction_time"))
-        .sort("subject_id").collect()
-    )
-    if times.height == 0:
-        raise _bad_request("events: no timed event (column 'time'), so there is no moment to score; pass prediction_time")
-    return times
+    return asked.unique().sort("subject_id", "prediction_time") if asked.height else None
 
 
 class RiskModel(mlflow.pyfunc.PythonModel):
@@ -138,8 +128,11 @@ class RiskModel(mlflow.pyfunc.PythonModel):
 
         from workbench.calibration import Recalibration
 
+        from workbench.tasks import TaskSpec
+
         config = context.model_config or {}
         self.kind = config.get("kind", "")
+        self.task = TaskSpec.model_validate(config["task"]) if config.get("task") else None
         self.spec = FeatureSpec.load(context.artifacts["feature_spec"])
         self.predictor = load_predictor(self.kind, context.artifacts, self.spec, config.get("options") or {})
         self.tabular = bool((config.get("options") or {}).get("tabular"))
@@ -156,19 +149,27 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         frame = request_frame(model_input)
         events = frame.filter(pl.col("code").is_not_null()).drop("prediction_time")
         try:
-            scores = self.score(EventFrame(events, root="the request"), request_samples(frame))
+            scores = self.score(EventFrame(events, root="the request"), request_samples(frame), "the request")
         except WorkbenchError as exc:
             raise _bad_request(str(exc)) from None
         return scores.to_pandas()
 
-    def score(self, dataset, samples: pl.DataFrame | None = None) -> pl.DataFrame:
-        """Risks for ``samples`` (subject_id, prediction_time; default: each subject's last event)
-        of a MEDS dataset (a path or an EventFrame), tensorized with the model's own FeatureSpec."""
+    def score(self, dataset, samples: pl.DataFrame | None = None, source: str = "prediction times") -> pl.DataFrame:
+        """Risks for ``samples`` (subject_id, prediction_time) of a MEDS dataset (a path or an
+        EventFrame), tensorized with the model's own FeatureSpec. Without samples: the moments the
+        model's task predicts at (:func:`workbench.tasks.scoring_times`); never at or after a
+        subject's end of record (death, end of follow-up)."""
         from workbench.features import as_dataset, transform
+        from workbench.tasks import check_before_end_of_record, scoring_times
 
         dataset = as_dataset(dataset)
+        if self.task is None and samples is None:
+            raise WorkbenchError("this model records no task, so it has no default moment to score: "
+                                 "give prediction times (--times, or prediction_time rows in the request)")
         if samples is None:
-            samples = last_event_times(dataset.events())
+            samples = scoring_times(dataset.events(), self.task, str(dataset.root))
+        elif self.task is not None:
+            check_before_end_of_record(samples, dataset.events(), self.task, source, str(dataset.root))
         if self.tabular:
             from workbench.tabular import tabular_features
 
@@ -269,7 +270,7 @@ def example_request(spec) -> pd.DataFrame:
     return frame
 
 
-def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, metadata: dict | None = None):
+def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, metadata: dict | None = None, task=None):
     """Log ``fitted`` as the run's ``model``: the raw-events pyfunc with everything it needs."""
     import workbench
 
@@ -281,7 +282,8 @@ def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, meta
         return mlflow.pyfunc.log_model(
             name=MODEL_PATH,
             python_model=str(package / "pyfunc_model.py"),
-            model_config={"kind": kind, "options": dict(options or {})},
+            model_config={"kind": kind, "options": dict(options or {}),
+                          "task": None if task is None else task.model_dump(mode="json")},
             artifacts=artifacts,
             code_paths=[str(package)],
             signature=signature(),

@@ -27,10 +27,8 @@ from workbench.features import (
     FeatureSpec,
     age_query,
     collect_queries,
-    missing_subjects_query,
     parse_duration_us,
     prepare_samples,
-    raise_if_missing,
     static_query,
 )
 
@@ -89,11 +87,10 @@ def tabular_features(dataset, labels, spec: FeatureSpec, windows=WINDOWS) -> tup
     codes = [*spec.numeric_codes, *spec.count_codes]
     lazy = samples.lazy()
     events = dataset.events()
-    aggregates, static, age, missing = collect_queries(
+    aggregates, static, age = collect_queries(
         _aggregates_query(events, lazy, codes, windows), static_query(events, lazy),
-        age_query(events, lazy, spec.config.birth_code), missing_subjects_query(events, lazy),
+        age_query(events, lazy, spec.config.birth_code),
     )
-    raise_if_missing(missing, dataset)
     names = feature_names(spec, windows)
     column = {name: j for j, name in enumerate(names)}
     X = np.full((samples.height, len(names)), np.nan, dtype=np.float32)

@@ -41,17 +41,13 @@ from workbench.data.meds_io import MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
 from workbench.files import write_parquet_atomic
+from workbench.labels import LABEL_SCHEMA, check_labels_in_data, read_labels
 
-#: Columns (and polars dtypes) of a saved labels file: exactly meds.LabelSchema's boolean task.
-LABEL_SCHEMA: dict[str, pl.DataType] = {
-    "subject_id": pl.Int64(),
-    "prediction_time": pl.Datetime("us"),
-    "boolean_value": pl.Boolean(),
-}
 SPLIT_ORDER = ("train", "tuning", "held_out")
 NO_SPLIT = "(none)"
 SHIPPED_SPECS_PACKAGE_DIR = "task_specs"
 DAYS_PER_YEAR = 365.25
+MAX_DAYS = 36_525  # 100 years: the longest day count (horizon, gap, offset, history) a spec may give
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +59,22 @@ class _Section(BaseModel):
     """Base of every spec section: unknown keys are errors, so a YAML typo never goes unnoticed."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _finite_days(value):
+    """Field validator (before parsing) of a day count: finite and at most :data:`MAX_DAYS`, so
+    ``.inf`` or ``1e12`` is refused naming the field instead of overflowing a date later."""
+    if isinstance(value, bool):
+        return value  # pydantic's own error for a boolean
+    try:
+        days = float(value)
+    except (TypeError, ValueError):
+        return value  # pydantic's own error names the type
+    if days != days or days in (float("inf"), float("-inf")):
+        raise ValueError(f"must be a finite number of days (at most {MAX_DAYS:,} = 100 years)")
+    if days > MAX_DAYS:
+        raise ValueError(f"{days:g} days is more than 100 years (at most {MAX_DAYS:,} days)")
+    return value
 
 
 class PredictionTimes(_Section):
@@ -95,6 +107,7 @@ class PredictionTimes(_Section):
     )
 
     _check = field_validator("patterns")(check_regexes)
+    _days = field_validator("offset_days", mode="before")(_finite_days)
 
     @model_validator(mode="after")
     def _kind_has_its_fields(self) -> "PredictionTimes":
@@ -116,6 +129,7 @@ class Outcome(_Section):
     )
 
     _check = field_validator("patterns")(check_regexes)
+    _days = field_validator("horizon_days", "gap_days", mode="before")(_finite_days)
 
     @model_validator(mode="after")
     def _window_not_empty(self) -> "Outcome":
@@ -160,6 +174,8 @@ class Inclusion(_Section):
     exclude_prior_outcome: bool = Field(
         True, description="Drop prediction times at or after the subject's first outcome event."
     )
+
+    _days = field_validator("min_history_days", mode="before")(_finite_days)
 
     @model_validator(mode="after")
     def _age_range(self) -> "Inclusion":
@@ -456,29 +472,6 @@ class LabelResult:
         return write_parquet_atomic(labels, path)
 
 
-def read_labels(path: str | os.PathLike) -> pl.DataFrame:
-    """Read a MEDS labels parquet: ``subject_id, prediction_time`` and ``boolean_value`` if present."""
-    path = Path(path)
-    if not path.is_file():
-        raise WorkbenchError(f"{path}: labels file not found")
-    try:
-        schema = pl.read_parquet_schema(path)
-    except Exception as exc:  # polars raises several error types for a non-parquet file
-        raise WorkbenchError(f"{path}: not a readable parquet file ({exc})") from None
-    missing = [c for c in ("subject_id", "prediction_time") if c not in schema]
-    if missing:
-        raise WorkbenchError(f"{path}: labels file lacks column(s) {', '.join(missing)} (has {', '.join(schema)})")
-    cols = [c for c in LABEL_SCHEMA if c in schema]
-    try:
-        df = pl.read_parquet(path, columns=cols).cast({c: LABEL_SCHEMA[c] for c in cols})
-    except pl.exceptions.PolarsError as exc:
-        raise WorkbenchError(f"{path}: labels columns have the wrong types ({exc}); want {LABEL_SCHEMA}") from None
-    for col in cols:
-        if df[col].null_count():
-            raise WorkbenchError(f"{path}: column {col} has {df[col].null_count()} null value(s)")
-    return df.unique(maintain_order=True)
-
-
 def _code_match(codes: list[str], patterns: list[str]) -> pl.Expr:
     """True for events whose code is one of ``codes`` or matches any of ``patterns``."""
     expr = pl.col("code").is_in(codes)
@@ -653,25 +646,11 @@ def _label_expr(spec: TaskSpec) -> pl.Expr:
     return ((nxt > t + _days(spec.outcome.gap_days)) & (nxt <= t + _days(spec.outcome.horizon_days))).fill_null(False)
 
 
-def _check_labels_file(
-    file_labels: pl.DataFrame, subjects: pl.Series, t_min, t_max, spec: TaskSpec, where: str
-) -> None:
-    """Labels file subjects must exist in the data and its times fall within the data's time range."""
+def _check_labels_file(file_labels: pl.DataFrame, events: pl.LazyFrame, spec: TaskSpec, where: str) -> None:
+    """Labels file subjects must exist in the data and each prediction time lie inside its subject's record."""
     path = spec.prediction_times.labels_path
-    missing = file_labels.filter(~pl.col("subject_id").is_in(subjects.implode()))["subject_id"].unique().sort()
-    if missing.len():
-        raise WorkbenchError(
-            f"{path}: {missing.len()} subject(s) of the labels file are missing from the data in {where} "
-            f"(e.g. subject_id {', '.join(map(str, missing.head(5).to_list()))})"
-        )
-    outside = file_labels.filter((pl.col("prediction_time") < t_min) | (pl.col("prediction_time") > t_max))
-    if outside.height:
-        row = outside.row(0, named=True)
-        raise WorkbenchError(
-            f"{path}: {outside.height} prediction_time value(s) fall outside the data's range [{t_min}, {t_max}] "
-            f"(e.g. subject_id {row['subject_id']} at {row['prediction_time']})"
-        )
-    if spec.outcome is None and "boolean_value" not in file_labels.columns:
+    check_labels_in_data(file_labels, events, where, source=str(path))
+    if spec.outcome is None and file_labels["boolean_value"].null_count():
         raise WorkbenchError(f"{path}: outcome is null in the task, so the labels file needs a boolean_value column")
 
 
@@ -782,6 +761,76 @@ def _apply_rules(lf: pl.LazyFrame, rules: list[tuple[str, str, pl.Expr]], splits
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Scoring new data: the moments a task predicts at, known without the future
+
+
+#: Rules that decide whether a moment may be scored at all (none reads anything after it).
+SCORING_RULES = ("no_prior_data", "min_history", "min_events", "age", "prior_competing", "prior_outcome")
+#: A MEDS code that ends every record, whatever the task.
+DEATH_CODE = "MEDS_DEATH"
+
+
+def end_of_record_match(spec: TaskSpec) -> pl.Expr:
+    """Codes after which nothing may be scored: death, the end-of-follow-up codes, competing events,
+    and the outcome itself unless the task allows repeated outcomes."""
+    cen, out = spec.censoring, spec.outcome
+    match = pl.col("code").is_in([DEATH_CODE, *cen.end_codes, *cen.competing_codes])
+    if cen.competing_patterns:
+        match = match | _code_match([], cen.competing_patterns)
+    if out is not None and spec.inclusion.exclude_prior_outcome:
+        match = match | _code_match(out.codes, out.patterns)
+    return match
+
+
+def _record_ends(events: pl.LazyFrame, spec: TaskSpec) -> pl.LazyFrame:
+    return (events.filter(end_of_record_match(spec) & pl.col("time").is_not_null())
+            .group_by("subject_id").agg(record_end=pl.col("time").min(),
+                                        end_code=pl.col("code").sort_by("time").first()))
+
+
+def scoring_times(events: pl.LazyFrame, spec: TaskSpec, where: str = "the data") -> pl.DataFrame:
+    """``subject_id, prediction_time`` at which ``spec`` predicts on new data: its prediction times
+    (every matching event, or the offset) that its eligibility rules keep, strictly before any
+    end-of-record event (death, end of follow-up, a competing event). Refuses a labels-file task,
+    whose times exist only in its file."""
+    if spec.prediction_times.kind == "labels_file":
+        raise WorkbenchError(f"task {spec.name!r} takes its prediction times from a labels file, so there is no "
+                             "default moment to score: pass --times (a parquet of subject_id, prediction_time)")
+    summary = _subject_summary(events, spec)
+    lf = _candidate_times(events, summary, spec, None).join(summary, on="subject_id", how="left")
+    if spec.inclusion.min_events > 0:
+        lf = _events_up_to(lf, events, spec)
+    dropped = pl.lit(False)
+    for name, _, expr in _rules(spec):
+        if name in SCORING_RULES:
+            dropped = dropped | expr.fill_null(False)
+    t = pl.col("prediction_time")
+    times = (lf.join(_record_ends(events, spec), on="subject_id", how="left")
+             .filter(~dropped & (pl.col("record_end").is_null() | (t < pl.col("record_end"))))
+             .select("subject_id", "prediction_time").unique().sort("subject_id", "prediction_time")
+             .collect(engine="streaming"))
+    if times.height == 0:
+        raise WorkbenchError(f"{where}: no moment to score for task {spec.name!r} (no {spec.prediction_times.kind} "
+                             "prediction time before an end-of-record event); pass --times")
+    return times
+
+
+def check_before_end_of_record(samples: pl.DataFrame, events: pl.LazyFrame, spec: TaskSpec, source: str,
+                               where: str = "the data") -> None:
+    """Refuse prediction times at or after the subject's death, end of follow-up or competing event:
+    a risk there reads the outcome it should predict."""
+    ends = _record_ends(events.join(samples.select("subject_id").unique().lazy(), on="subject_id", how="semi"), spec)
+    late = samples.join(ends.collect(), on="subject_id").filter(pl.col("prediction_time") >= pl.col("record_end"))
+    if late.height:
+        row = late.sort("subject_id", "prediction_time").row(0, named=True)
+        raise WorkbenchError(
+            f"{source}: column 'prediction_time': {late.height:,} prediction time(s) at or after the subject's "
+            f"end of record in {where} (e.g. subject_id={row['subject_id']}, prediction_time={row['prediction_time']}, "
+            f"{row['end_code']} at {row['record_end']}); a risk there would read the outcome it predicts"
+        )
+
+
 def make_labels(dataset: MedsDataset | str | os.PathLike, spec: TaskSpec | str | os.PathLike | dict) -> LabelResult:
     """Label ``dataset`` with task ``spec`` (a TaskSpec, YAML path or shipped name).
 
@@ -789,24 +838,26 @@ def make_labels(dataset: MedsDataset | str | os.PathLike, spec: TaskSpec | str |
     subjects or out-of-range times, no labels, no positives in train); warns (and records in
     the report) when prevalence is below ``spec.warn_prevalence_below``.
     """
+    from workbench.data.validate import require_valid_cached
+
     ds = dataset if isinstance(dataset, MedsDataset) else open_dataset(dataset)
     spec = load_task(spec)
+    require_valid_cached(ds.root)  # the MEDS checks of `workbench validate`, free when the data did not change
     where = str(ds.root)
     events = ds.events()
     splits = ds.splits()
     _check_splits(splits, ds.root)
 
-    # One pass for everything validation needs: codes present, subjects, time range.
-    codes_df, subj_df, range_df = pl.collect_all([
+    # One pass for everything validation needs: codes present, subjects.
+    codes_df, subj_df = pl.collect_all([
         events.select(pl.col("code").unique()),
         events.select(pl.col("subject_id").unique()),
-        events.select(t_min=pl.col("time").min(), t_max=pl.col("time").max()),
     ])
     notes = _validate_against_data(spec, codes_df["code"].drop_nulls().sort().to_list(), where)
     file_labels = None
     if spec.prediction_times.kind == "labels_file":
         file_labels = read_labels(spec.prediction_times.labels_path)
-        _check_labels_file(file_labels, subj_df["subject_id"], range_df["t_min"][0], range_df["t_max"][0], spec, where)
+        _check_labels_file(file_labels, events, spec, where)
 
     rules = _rules(spec)
     df = _apply_rules(_candidate_frame(events, spec, file_labels), rules, splits).collect(engine="streaming")

@@ -12,8 +12,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import meds
 import polars as pl
 
 from workbench.errors import WorkbenchError
+from workbench.files import replace_directory, temporary_directory_for
 
 DATA_DIR = meds.data_subdirectory
 CODES_FILE = meds.code_metadata_filepath
@@ -38,6 +37,7 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
 REQUIRED_COLUMNS = ("subject_id", "time", "code")
 CODES_SCHEMA = {"code": pl.String(), "description": pl.String(), "parent_codes": pl.List(pl.String())}
 SPLITS_SCHEMA = {"subject_id": pl.Int64(), "split": pl.String()}
+INT64_MAX = 2**63 - 1  # the largest MEDS subject_id
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class MedsDataset:
         files = self.data_files
         if not files:
             raise WorkbenchError(f"{self.root / DATA_DIR}: no parquet shards found (empty dataset)")
+        for path in files:
+            check_subject_ids_fit(path, read_schema(path))
         lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore", schema=None)
         names = lf.collect_schema().names()
         if "numeric_value" not in names:
@@ -67,13 +69,30 @@ class MedsDataset:
         path = self.root / SPLITS_FILE
         if not path.exists():
             return pl.DataFrame(schema=SPLITS_SCHEMA)
-        return pl.read_parquet(path).select(list(SPLITS_SCHEMA)).cast(SPLITS_SCHEMA)
+        schema = read_schema(path)
+        missing = [c for c in SPLITS_SCHEMA if c not in schema]
+        if missing:
+            raise WorkbenchError(f"{path}: column {missing[0]} is missing (a split file has subject_id, split; "
+                                 f"found {', '.join(schema) or 'no columns'})")
+        splits = pl.read_parquet(path, columns=list(SPLITS_SCHEMA))
+        for column, dtype in SPLITS_SCHEMA.items():
+            try:
+                splits = splits.with_columns(pl.col(column).cast(dtype, strict=True))
+            except (pl.exceptions.PolarsError, OverflowError):
+                bad = splits.filter(pl.col(column).cast(dtype, strict=False).is_null() & pl.col(column).is_not_null())
+                example = f" (e.g. {bad[column][0]!r})" if bad.height else ""
+                raise WorkbenchError(f"{path}: column {column} is {schema[column]}, not readable as {dtype}{example}") from None
+        return splits
 
     def codes(self) -> pl.DataFrame:
         """Codes metadata: ``code, description, parent_codes`` (empty if absent)."""
         path = self.root / CODES_FILE
         if not path.exists():
             return pl.DataFrame(schema=CODES_SCHEMA)
+        schema = read_schema(path)
+        if "code" not in schema:
+            raise WorkbenchError(f"{path}: column code is missing (codes metadata needs one row per code; "
+                                 f"found {', '.join(schema) or 'no columns'})")
         return pl.read_parquet(path)
 
     def metadata(self) -> dict:
@@ -101,6 +120,35 @@ class EventFrame:
 
     def splits(self) -> pl.DataFrame:
         return pl.DataFrame(schema=SPLITS_SCHEMA)
+
+
+def read_schema(path: Path) -> dict[str, pl.DataType]:
+    """The column types of a parquet file, from its footer; a clear error for a file that is not parquet."""
+    try:
+        return dict(pl.read_parquet_schema(path))
+    except Exception as exc:  # polars raises several error types for a non-parquet file
+        raise WorkbenchError(f"{path}: not a readable parquet file ({exc})") from None
+
+
+def subject_ids_above_int64(path: Path, schema: dict | None = None) -> tuple[int, int] | None:
+    """(rows, first such id) of a shard's ``subject_id`` values too large for MEDS' int64 (only an
+    unsigned 64-bit column can hold them); None when every id fits."""
+    schema = read_schema(path) if schema is None else schema
+    if schema.get("subject_id") != pl.UInt64:
+        return None
+    ids = pl.read_parquet(path, columns=["subject_id"])["subject_id"]
+    over = ids.filter(ids > INT64_MAX)
+    return (over.len(), int(over[0])) if over.len() else None
+
+
+def check_subject_ids_fit(path: Path, schema: dict | None = None) -> None:
+    """Raise a WorkbenchError naming the shard, the column and an example id that exceeds int64."""
+    over = subject_ids_above_int64(path, schema)
+    if over:
+        raise WorkbenchError(
+            f"{path}: column subject_id holds {over[0]:,} value(s) above the int64 maximum {INT64_MAX} "
+            f"(MEDS subject ids are int64), e.g. subject_id {over[1]}"
+        )
 
 
 def open_dataset(root: str | os.PathLike) -> MedsDataset:
@@ -137,7 +185,7 @@ class ShardWriter:
             raise WorkbenchError(f"{self.root}: already exists (pass overwrite to replace it)")
         self.overwrite = overwrite
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.tmp-", dir=self.root.parent))
+        self.tmp = temporary_directory_for(self.root)
         (self.tmp / DATA_DIR).mkdir()
         (self.tmp / "metadata").mkdir()
         self.n_shards = 0
@@ -182,13 +230,7 @@ class ShardWriter:
         """Move the finished dataset into place (replacing an old one only now)."""
         if not (self.tmp / DATASET_FILE).exists():
             self.write_metadata()
-        old = None
-        if self.root.exists():
-            old = self.root.with_name(f".{self.root.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.root, old)
-        os.replace(self.tmp, self.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(self.tmp, self.root)
         return MedsDataset(self.root)
 
     def abort(self) -> None:

@@ -2,34 +2,41 @@
 
 Errors (exit code 2) make a dataset unusable downstream; warnings (exit 0) are listed but do not
 block. Schema checks read only parquet footers; data checks are a few lazy polars passes over all
-shards, so validating ten million events takes seconds.
+shards, so validating ten million events takes seconds. Commands that only need the gate call
+:func:`require_valid_cached`, which remembers a passing validation per version of the files.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import meds
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workbench.data.meds_io import (
     CODES_FILE,
     DATA_DIR,
+    INT64_MAX,
     SPLIT_NAMES,
     SPLITS_FILE,
     MedsDataset,
     open_dataset,
 )
 from workbench.errors import DataValidationError
+from workbench.files import path_fingerprint, write_text_atomic
 
 ERROR, WARNING = "error", "warning"
 _MEDS_TYPES = {name: meds.DataSchema.schema().field(name).type for name in ("subject_id", "time", "code", "numeric_value")}
 _REQUIRED = ("subject_id", "time", "code")
 _EARLIEST = dt.datetime(1900, 1, 1)
+_FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max: MEDS stores numeric_value as float32
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,63 @@ def require_valid(root: str | Path) -> ValidationReport:
     return report
 
 
+def require_valid_cached(root: str | Path) -> ValidationReport:
+    """:func:`require_valid`, run once per version of a dataset: a passing validation is remembered
+    under ``<project home>/runs/.validated/<fingerprint>.json`` (never inside the dataset, which may
+    be read-only), keyed by the dataset's path, its data/ and metadata/ files (names, sizes,
+    modification times) and the validation code, so the gate costs nothing on unchanged data.
+    Failing validations are never cached; raises DataValidationError (a WorkbenchError) on errors."""
+    ds_root = open_dataset(root).root
+    key = _validation_key(ds_root)
+    marker = None if key is None else _validated_dir() / f"{key}.json"
+    if marker is not None and marker.is_file():
+        try:
+            return _report_from_json(json.loads(marker.read_text()), ds_root)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged marker: validate again
+    report = require_valid(root)
+    if marker is not None:
+        try:
+            write_text_atomic(marker, json.dumps(_report_to_json(report), default=str) + "\n")
+        except OSError:
+            pass  # an unwritable project home only costs the next call a validation
+    return report
+
+
+def _validated_dir() -> Path:
+    from workbench.tracking import project_home
+
+    return project_home() / "runs" / ".validated"
+
+
+def _validation_key(root: Path) -> str | None:
+    """Digest of what a validation depends on; None when data/ is missing (nothing worth caching)."""
+    data = path_fingerprint(root / DATA_DIR)
+    if data is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (str(root.resolve()), data, path_fingerprint(root / "metadata") or "-"):
+        digest.update(part.encode() + b"\0")
+    for module in (Path(__file__), Path(__file__).with_name("meds_io.py")):  # a new check invalidates the cache
+        digest.update(module.read_bytes())
+    return digest.hexdigest()
+
+
+def _report_to_json(report: ValidationReport) -> dict:
+    return {"root": str(report.root), "problems": [asdict(p) for p in report.problems], "summary": report.summary}
+
+
+def _report_from_json(data: dict, root: Path) -> ValidationReport:
+    summary = dict(data["summary"])
+    for key in ("time_min", "time_max"):
+        if summary.get(key) is not None:
+            summary[key] = dt.datetime.fromisoformat(summary[key])
+    summary["top_codes"] = [tuple(row) for row in summary.get("top_codes", [])]
+    if "splits" in summary:
+        summary["splits"] = {k: tuple(v) for k, v in summary["splits"].items()}
+    return ValidationReport(root, [Problem(**p) for p in data["problems"]], summary)
+
+
 def _check_file_schema(path: Path, report: ValidationReport) -> bool:
     """Missing required columns and wrong types, from the parquet footer alone."""
     try:
@@ -131,6 +195,15 @@ def _check_file_schema(path: Path, report: ValidationReport) -> bool:
             report.add(
                 ERROR, "wrong_type", path, name, n_rows, _first_subject(path),
                 f"type is {schema.field(name).type}, MEDS requires {expected}",
+            )
+            ok = False
+    if ok and "subject_id" in schema.names and pa.types.is_uint64(schema.field("subject_id").type):
+        ids = pq.read_table(path, columns=["subject_id"]).column(0)
+        over = pc.filter(ids, pc.greater(ids, pa.scalar(INT64_MAX, pa.uint64())))
+        if len(over):
+            report.add(
+                ERROR, "subject_id_out_of_range", path, "subject_id", len(over), over[0].as_py(),
+                f"uint64 value(s) above the int64 maximum {INT64_MAX} (MEDS subject ids are int64)",
             )
             ok = False
     return ok
@@ -155,19 +228,24 @@ def _first_subject(path: Path) -> int | None:
     """The first subject id of a shard, as an example for schema errors (None if unreadable)."""
     try:
         col = pq.read_table(path, columns=["subject_id"]).column(0).drop_null()
-        return int(float(col[0].as_py())) if len(col) else None
+        if not len(col):
+            return None
+        value = col[0].as_py()
+        return value if isinstance(value, int) else int(float(value))  # no float round trip for huge ids
     except (KeyError, ValueError, TypeError, pa.ArrowException):
         return None
 
 
 def _scan_file(path: Path) -> pl.LazyFrame:
-    """One shard, cast to the MEDS types (schema already checked), ``numeric_value`` added if absent."""
+    """One shard, cast to the MEDS types (schema already checked), ``numeric_value`` added if absent.
+
+    ``numeric_value`` is read as float64, so a value beyond float32 is reported as such, not as infinite."""
     value = pl.col("numeric_value") if _has_column(path, "numeric_value") else pl.lit(None)
     return pl.scan_parquet(path).select(
         pl.col("subject_id").cast(pl.Int64),
         pl.col("time").cast(pl.Datetime("us")),
         pl.col("code").cast(pl.String),
-        value.cast(pl.Float32).alias("numeric_value"),
+        value.cast(pl.Float64).alias("numeric_value"),
     )
 
 
@@ -198,6 +276,8 @@ def _row_checks(today: dt.date) -> list[tuple]:
         (ERROR, "null_value", "code", pl.col("code").is_null(), "code is null"),
         (ERROR, "nan_value", "numeric_value", value.is_nan(), "numeric_value is NaN (use null for missing)"),
         (ERROR, "infinite_value", "numeric_value", value.is_infinite(), "numeric_value is infinite"),
+        (ERROR, "value_out_of_range", "numeric_value", value.is_finite() & (value.abs() > _FLOAT32_MAX),
+         f"numeric_value is outside the float32 range (|value| > {_FLOAT32_MAX:.4g}; MEDS stores float32)"),
         (ERROR, "unsorted_times", "time", backwards.fill_null(False),
          "time goes backwards within a subject (MEDS: sorted by time within a subject)"),
         (WARNING, "time_out_of_range", "time", t < _EARLIEST, "time is before 1900-01-01"),
@@ -279,12 +359,30 @@ def _check_splits(ds: MedsDataset, per_subject: pl.DataFrame, report: Validation
     if not path.exists():
         report.add(WARNING, "no_splits", path, None, None, None, "no subject_splits.parquet: every subject is unsplit")
         return None
-    schema = pq.read_schema(path)
+    schema = _metadata_schema(path, report)
+    if schema is None:
+        return None
     missing = [c for c in ("subject_id", "split") if c not in schema.names]
     if missing:
-        report.add(ERROR, "missing_column", path, missing[0], None, None, "required split column is missing")
+        report.add(ERROR, "missing_column", path, missing[0], None, None,
+                   f"required split column is missing (found {', '.join(schema.names) or 'no columns'})")
+        return None
+    wrong = [(c, t) for c, t in (("subject_id", pa.int64()), ("split", pa.string()))
+             if not _type_compatible(schema.field(c).type, t)]
+    for column, expected in wrong:
+        first = pq.read_table(path, columns=[column]).column(0).drop_null()
+        example = f" (e.g. {first[0].as_py()!r})" if len(first) else ""
+        report.add(ERROR, "wrong_type", path, column, pq.ParquetFile(path).metadata.num_rows, None,
+                   f"type is {schema.field(column).type}, MEDS requires {expected}{example}")
+    if wrong:
         return None
     splits = pl.read_parquet(path, columns=["subject_id", "split"])
+    if splits["subject_id"].dtype == pl.UInt64 and (splits["subject_id"] > INT64_MAX).any():
+        over = splits.filter(pl.col("subject_id") > INT64_MAX)
+        report.add(ERROR, "subject_id_out_of_range", path, "subject_id", over.height, over["subject_id"][0],
+                   f"uint64 value(s) above the int64 maximum {INT64_MAX} (MEDS subject ids are int64)")
+        return None
+    splits = splits.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
     unknown = splits.filter(~pl.col("split").is_in(SPLIT_NAMES) | pl.col("split").is_null())
     if unknown.height:
         names = sorted(str(s) for s in unknown["split"].unique().to_list())
@@ -318,13 +416,34 @@ def _check_codes(ds: MedsDataset, codes: pl.DataFrame, report: ValidationReport)
     path = ds.root / CODES_FILE
     missing = codes.drop_nulls("code")
     if path.exists():
-        missing = missing.join(pl.read_parquet(path, columns=["code"]), on="code", how="anti")
+        schema = _metadata_schema(path, report)
+        if schema is None:
+            return
+        if "code" not in schema.names:
+            report.add(ERROR, "missing_column", path, "code", pq.ParquetFile(path).metadata.num_rows, None,
+                       f"codes metadata has no code column (found {', '.join(schema.names) or 'no columns'})")
+            return
+        if not _type_compatible(schema.field("code").type, pa.string()):
+            report.add(ERROR, "wrong_type", path, "code", pq.ParquetFile(path).metadata.num_rows, None,
+                       f"type is {schema.field('code').type}, MEDS requires string")
+            return
+        known = pl.read_parquet(path, columns=["code"]).select(pl.col("code").cast(pl.String))
+        missing = missing.join(known, on="code", how="anti")
     if missing.height:
         shown = ", ".join(missing["code"].head(5).to_list()) + (" ..." if missing.height > 5 else "")
         report.add(
             WARNING, "code_not_in_metadata", path, "code", int(missing["n"].sum()), missing["subject_id"][0],
             f"{missing.height} code(s) missing from codes.parquet: {shown}",
         )
+
+
+def _metadata_schema(path: Path, report: ValidationReport) -> pa.Schema | None:
+    """A metadata file's parquet schema; None (and an error) when it is not a readable parquet file."""
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        report.add(ERROR, "unreadable_file", path, None, None, None, f"not a readable parquet file ({exc})")
+        return None
 
 
 def _summarise(shards: list[_ShardScan], per_subject: pl.DataFrame, codes: pl.DataFrame, splits) -> dict:
