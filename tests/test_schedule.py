@@ -207,6 +207,8 @@ def test_scheduler_runs_due_schedule_skips_overlap_and_survives_restart(project)
     assert "in progress" in next(e for e in first if e.status == "skipped").error
     runs = finished_parent_runs("nightly")
     assert [r.info.run_id for r in runs] == [done.parent_run_id], "one completed pipeline run in MLflow"
+    tags = runs[0].data.tags
+    assert (tags[schedule.SCHEDULE_TAG], tags[schedule.ENTRY_TAG]) == (done.schedule, str(done.id)), "tagged with its trigger"
 
     # While the scheduler is down: pause both, add a third whose last three minutes were missed.
     assert cli("schedule", "pause", "every-a").exit_code == 0

@@ -156,6 +156,7 @@ def pipeline_flow(path: str, overrides: Optional[dict[str, Any]] = None, force: 
                 status = "FINISHED"
         finally:
             pipelines._client().set_terminated(parent["run_id"], status)
+            pipelines.release_run(run_dir.name)  # every run is ended: the owner lock may go
             result = PipelineResult(pipeline.name, parent["pipeline_run_id"], parent["run_id"], run_dir, results, pipeline.experiment)
             manifest = {**pipelines._manifest(result, pipeline), "engine": "prefect"}
             write_text_atomic(run_dir / "run.json", json.dumps(manifest, indent=2, default=str))

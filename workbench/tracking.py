@@ -156,6 +156,14 @@ def register_and_maybe_promote(model_uri: str, name: str, auroc: float, descript
         best = best_version(client, name)
         if current is None or best.version != current.version:
             client.set_registered_model_alias(name, CHAMPION, best.version)
+        # The file lock serializes this machine only; on a shared server another machine may have
+        # registered a better version meanwhile: check after setting, and set again until stable.
+        for _ in range(5):
+            latest = best_version(client, name)
+            if latest.version == client.get_model_version_by_alias(name, CHAMPION).version:
+                break
+            client.set_registered_model_alias(name, CHAMPION, latest.version)
+            best = latest
     return {
         "name": name,
         "version": int(version),
