@@ -71,7 +71,9 @@ def test_sigkill_mid_step_leaves_nothing_trusted_and_rerun_completes(project):
     assert killed.status == "killed" and "signal 9" in killed.error
     assert [s.last_status for s in schedule.list_schedules()] == ["killed"], "never shown as finished"
     run_dir = next(p for p in (home / "runs" / "fragile").iterdir() if not p.name.startswith("."))
-    assert (run_dir / "work.partial.ipynb").is_file() and not (run_dir / "work.ipynb").exists()
+    # the killed step's notebook is kept, named for what happened to it
+    assert (run_dir / "work.killed.ipynb").is_file() and not (run_dir / "work.ipynb").exists()
+    assert not (run_dir / "work.partial.ipynb").exists()
     assert not (run_dir / "run.json").exists()
     assert not list((home / "runs" / "fragile").glob(".cache/*.json")), "no cache record for the killed step"
     tracking.setup()

@@ -31,7 +31,8 @@ PBC_PIPELINE = REPO / "pipelines" / "pbc_mortality.yaml"
 PBC_OVERRIDES: dict = {"epochs": 2, "n_explain": 50}
 #: Tags that name one particular pipeline run, or depend on the order in which parallel matrix
 #: children reached the model registry (version numbers, "beat the champion at the time").
-PER_RUN_TAGS = {"workbench.pipeline_run_id", "workbench.error", "workbench.registered_version", "workbench.champion"}
+PER_RUN_TAGS = {"workbench.pipeline_run_id", "workbench.error", "workbench.registered_version", "workbench.champion",
+                "workbench.owner"}
 
 
 @pytest.fixture

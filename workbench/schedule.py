@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from workbench import tracking
+from workbench import runs, tracking
 from workbench.errors import WorkbenchError
 from workbench.files import write_text_atomic
 
@@ -368,7 +368,7 @@ def settle(entry_id: int, returncode: Optional[int] = None) -> str:
         values = {k: result.get(k) for k in ("status", "parent_run_id", "experiment_id", "error", "auroc_change")}
     else:
         how = f"signal {-returncode}" if returncode is not None and returncode < 0 else f"exit code {returncode}"
-        parent = mark_killed_runs(entry)
+        parent = mark_killed_runs(entry, f"the pipeline process died ({how})")
         values = {
             "status": "killed", "parent_run_id": parent[0] if parent else None,
             "experiment_id": parent[1] if parent else None,
@@ -378,7 +378,7 @@ def settle(entry_id: int, returncode: Optional[int] = None) -> str:
     return values["status"]
 
 
-def mark_killed_runs(entry: HistoryEntry) -> Optional[tuple[str, str]]:
+def mark_killed_runs(entry: HistoryEntry, how: str = "") -> Optional[tuple[str, str]]:
     """Terminate as KILLED the still RUNNING MLflow runs of one trigger whose owner process is gone.
 
     The runs are found by their ``workbench.schedule_entry`` tag, not by when they started, and
@@ -387,12 +387,10 @@ def mark_killed_runs(entry: HistoryEntry) -> Optional[tuple[str, str]]:
     """
     from mlflow.tracking import MlflowClient
 
-    from workbench import runs
-
     if not runs.store_exists():
         return None  # the run died before it created anything in MLflow
     tags = run_tags(entry.schedule, entry.id)
-    runs.reconcile(f"the scheduler (schedule {entry.schedule}, history entry {entry.id})", tags=tags)
+    runs.reconcile(f"the scheduler (schedule {entry.schedule}, history entry {entry.id}{': ' + how if how else ''})", tags=tags)
     client = MlflowClient()
     exp = client.get_experiment_by_name(entry.experiment or entry.pipeline)
     if exp is None:
@@ -400,18 +398,6 @@ def mark_killed_runs(entry: HistoryEntry) -> Optional[tuple[str, str]]:
     where = " and ".join([f"tags.`{runs.PARENT_TAG}` IS NOT NULL", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
     parents = client.search_runs([exp.experiment_id], where, max_results=1, order_by=["attributes.start_time DESC"])
     return (parents[0].info.run_id, exp.experiment_id) if parents else None
-
-
-def _pid_alive(pid: Optional[int]) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def reconcile() -> list[int]:
@@ -422,7 +408,7 @@ def reconcile() -> list[int]:
     """
     settled = []
     for entry in history():
-        if entry.status != "started" or _pid_alive(entry.pid):
+        if entry.status != "started" or runs.process_alive(entry.pid):
             continue
         lock = try_lock(lock_path(entry.pipeline))
         if lock is None:
@@ -490,7 +476,7 @@ class ScheduleInfo:
         if self.last is None:
             return ""
         if self.last.status == "started":
-            return "running" if _pid_alive(self.last.pid) else "killed"
+            return "running" if runs.process_alive(self.last.pid) else "killed"
         return self.last.status
 
     def run_link(self, ui: Optional[str] = None) -> str:
