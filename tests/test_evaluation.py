@@ -22,8 +22,6 @@ from workbench.evaluation import (
     bootstrap_weights,
     calibration_bin_edges,
     choose_threshold,
-    compare,
-    compare_markdown,
     evaluate,
     weighted_metrics,
 )
@@ -239,18 +237,6 @@ def test_flat_dict_frame_and_markdown():
     assert re.search(r"\| AUROC \| \d\.\d\d \(\d\.\d\d-\d\.\d\d\) \|", markdown)
 
 
-def test_compare_builds_models_by_metrics_table():
-    y, p = synthetic(800, seed=11)
-    noisy = np.clip(p + np.random.default_rng(0).normal(0, 0.2, len(p)), 0, 1)
-    results = {"lstm": evaluate(y, p, FAST), "noisy": evaluate(y, noisy, FAST)}
-    table = compare(results)
-    assert table["model"].to_list() == ["lstm", "noisy"]
-    assert table["auroc"][0] > table["auroc"][1]
-    assert {"auroc_ci_low", "npv_ci_high"} <= set(table.columns)
-    formatted = compare(results, formatted=True)
-    assert re.fullmatch(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", formatted["AUROC"][0])
-
-
 def test_data_driven_thresholds():
     y, p = synthetic(1000, seed=12)
     assert choose_threshold(y, p, "prevalence") == pytest.approx(y.mean())
@@ -290,14 +276,6 @@ def test_config_rejects_out_of_range_values():
         EvalConfig(age_bands=[0, 65, 50])
     with pytest.raises(ValidationError, match="ci"):
         EvalConfig(ci=1.2)
-
-
-def test_compare_markdown_has_one_row_per_model():
-    y, p = synthetic(500, seed=13)
-    markdown = compare_markdown({"lstm": evaluate(y, p, FAST), "gru": evaluate(y, p**2, FAST)})
-    lines = markdown.splitlines()
-    assert lines[0].startswith("| model | n | n_positive | AUROC |")
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| lstm", "| gru"]
 
 
 def test_calibration_slope_and_intercept_match_logistic_recalibration_fits():

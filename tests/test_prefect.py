@@ -209,7 +209,6 @@ def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not PBC_PIPELINE.exists(), reason="pipelines/pbc_mortality.yaml not written yet")
 def test_pbc_mortality_sweep_logs_the_same_runs_under_prefect(isolated_home, prefect_server, monkeypatch):
     # Timings (seconds, train_seconds) differ between any two runs: compare which metrics, not values.
     homes = (isolated_home / "local", isolated_home / "prefect")

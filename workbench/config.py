@@ -15,13 +15,18 @@ def check_regexes(patterns: list[str]) -> list[str]:
     return patterns
 
 
-def validation_message(source: str, exc) -> str:
-    """A pydantic ValidationError as one line per bad field: ``source: field: what is wrong (got value)``."""
+def validation_message(source: str, exc, locate=None) -> str:
+    """A pydantic ValidationError as one line per bad field: ``source: field: what is wrong (got value)``.
+
+    The one formatter of validation errors in the project; ``locate(loc)``, when given, replaces
+    ``source`` per field (a YAML file's ``path:line``)."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        given = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
-        lines.append(f"{source}: {loc}: {err['msg'].removeprefix('Value error, ')}{given}")
+        loc = [part for part in err["loc"] if not str(part).startswith(("function-", "list[", "dict["))]
+        dotted = ".".join(str(part) for part in loc) or "(top level)"
+        given = "" if err["type"] == "missing" or isinstance(err.get("input"), (dict, list)) else f" (got {err.get('input')!r})"
+        where = locate(loc) if locate is not None else source
+        lines.append(f"{where}: {dotted}: {err['msg'].removeprefix('Value error, ')}{given}")
     return "\n".join(lines)
 
 

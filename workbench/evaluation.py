@@ -802,41 +802,6 @@ def evaluate(
     )
 
 
-def compare(
-    results: dict[str, EvaluationResult], formatted: bool = False, digits: int = 2
-) -> pl.DataFrame:
-    """Models x metrics table, one row per model.
-
-    Numeric (default): ``model, n, n_positive, auroc, auroc_ci_low, auroc_ci_high, ...``.
-    ``formatted=True``: one string column per metric label, ``"0.83 (0.78-0.88)"``.
-    """
-    if not results:
-        raise WorkbenchError("compare() needs at least one evaluation result")
-    schema: dict[str, pl.DataType] = {"model": pl.String, "n": pl.Int64, "n_positive": pl.Int64}
-    if formatted:
-        schema.update({METRIC_LABELS[m]: pl.String for m in METRICS})
-    else:
-        schema.update(_metric_columns(METRICS))
-    rows = []
-    for model, result in results.items():
-        row: dict = {"model": model, "n": result.n, "n_positive": result.n_positive}
-        if formatted:
-            for m in METRICS:
-                row[METRIC_LABELS[m]] = format_with_ci(result.metrics[m], digits)
-        else:
-            row.update(_metric_cells(result.metrics, METRICS))
-        rows.append(row)
-    return pl.DataFrame(rows, schema=schema)
-
-
-def compare_markdown(results: dict[str, EvaluationResult], digits: int = 2) -> str:
-    """The :func:`compare` table as Markdown for a README, values as ``0.83 (0.78-0.88)``."""
-    table = compare(results, formatted=True, digits=digits)
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * table.width]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.iter_rows()]
-    return "\n".join(lines)
-
-
 def paired_auroc_difference(y_true, risk_a, risk_b, config: EvalConfig | None = None, cluster=None) -> dict:
     """AUROC(a) - AUROC(b) on the same samples, with a paired bootstrap CI: both models are scored
     on the very same resamples (of patients, with ``cluster``), so their correlation is kept and

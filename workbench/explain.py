@@ -274,13 +274,6 @@ def evaluate(fn: Callable[[torch.Tensor], torch.Tensor], X: np.ndarray, rows_per
     return out
 
 
-def _output_gradients(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """d fn / d x for every row of x [R, T, F] (rows are independent, so the sum's gradient is per row)."""
-    x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(fn(x).sum(), x)
-    return grad
-
-
 class _ConcatPrefix:
     """Any model as f(prefix, suffix): the shared padded prefix is kept and concatenated back.
 
@@ -418,10 +411,6 @@ def sample_baselines(x: np.ndarray, padded: np.ndarray, X_background: np.ndarray
     attribution, and the model never sees background history where the sequence has none.
     """
     return np.where(padded[:, None, :, None], x[:, None], X_background[None])
-
-
-def _n_padded(padded: np.ndarray) -> np.ndarray:
-    return padded.sum(axis=1)
 
 
 class _BaselineOutputs:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+import meds
 import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,6 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from workbench.data.meds_io import SPLITS_FILE, EventFrame, MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
+from workbench.config import validation_message
 from workbench.files import replace_directory, temporary_directory_for, write_text_atomic
 
 Agg = Literal["last", "mean", "min", "max"]
@@ -132,7 +134,7 @@ class FeatureConfig(BaseModel):
         "'{code}/days_since_first' and '{code}/days_since_last': what lies before the window reaches the model.",
     )
     static_features: bool = Field(True, description="Add static/age_years and static/{code} for static (null-time) codes.")
-    birth_code: str = Field("MEDS_BIRTH", description="Code whose time is the birth date (for static/age_years).")
+    birth_code: str = Field(meds.birth_code, description="Code whose time is the birth date (for static/age_years).")
 
     @field_validator("bin_width")
     @classmethod
@@ -161,7 +163,7 @@ class FeatureConfig(BaseModel):
         try:
             return cls.model_validate(data or {})
         except ValidationError as exc:
-            raise WorkbenchError(f"{source}: {_describe_validation_error(exc)}") from None
+            raise WorkbenchError(validation_message(source, exc)) from None
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "FeatureConfig":
@@ -176,15 +178,6 @@ class FeatureConfig(BaseModel):
         if data is not None and not isinstance(data, dict):
             raise WorkbenchError(f"{path}: expected a mapping of feature config fields, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
-
-
-def _describe_validation_error(exc: ValidationError) -> str:
-    """'field: message' for each error (pydantic's messages name the allowed range)."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------- spec
@@ -241,7 +234,7 @@ class FeatureSpec(BaseModel):
         except OSError as exc:
             raise WorkbenchError(f"{path}: cannot read feature spec: {exc}") from None
         except ValidationError as exc:
-            raise WorkbenchError(f"{path}: invalid feature spec: {_describe_validation_error(exc)}") from None
+            raise WorkbenchError(validation_message(f"{path}: invalid feature spec", exc)) from None
 
     @property
     def n_features(self) -> int:

@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from workbench import runs, tracking
 from workbench.errors import WorkbenchError
-from workbench.config import check_notebook_parameters
+from workbench.config import check_notebook_parameters, validation_message
 from workbench.files import code_fingerprint, directory_digest, path_fingerprint, write_text_atomic
 
 KERNEL_NAME = "workbench"
@@ -279,12 +279,7 @@ def _parse_spec(source: _YamlSource) -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(source.data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = [part for part in err["loc"] if not str(part).startswith(("function-", "list[", "dict["))]
-            dotted = ".".join(str(part) for part in loc) or "(top level)"
-            lines.append(f"{source.at(*loc)}: {dotted}: {err['msg']}")
-        raise WorkbenchError("invalid pipeline:\n" + "\n".join(lines)) from exc
+        raise WorkbenchError("invalid pipeline:\n" + validation_message(str(source.path), exc, lambda loc: source.at(*loc))) from None
 
 
 # --- validation and planning -----------------------------------------------------------

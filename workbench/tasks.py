@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import meds
 import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.data.meds_io import MedsDataset, open_dataset
-from workbench.config import check_regexes
+from workbench.config import check_regexes, validation_message
 from workbench.errors import WorkbenchError
 from workbench.files import write_parquet_atomic
 from workbench.labels import LABEL_SCHEMA, check_labels_in_data, read_labels
@@ -121,7 +122,7 @@ class PredictionTimes(_Section):
 class Outcome(_Section):
     """What is predicted: an outcome event within a horizon, after an optional gap."""
 
-    codes: list[str] = Field(default_factory=lambda: ["MEDS_DEATH"], description="Exact outcome codes.")
+    codes: list[str] = Field(default_factory=lambda: [meds.death_code], description="Exact outcome codes.")
     patterns: list[str] = Field(default_factory=list, description="Regular expressions (search) on outcome codes.")
     horizon_days: float = Field(365.0, gt=0, description="Window end, in days after the prediction time (> 0).")
     gap_days: float = Field(
@@ -169,7 +170,7 @@ class Inclusion(_Section):
     min_age_years: float | None = Field(None, ge=0, le=150, description="Youngest age at prediction time (0-150).")
     max_age_years: float | None = Field(None, ge=0, le=150, description="Oldest age at prediction time (0-150).")
     birth_codes: list[str] = Field(
-        default_factory=lambda: ["MEDS_BIRTH"], description="Codes giving the birth date (for age, and not history)."
+        default_factory=lambda: [meds.birth_code], description="Codes giving the birth date (for age, and not history)."
     )
     exclude_prior_outcome: bool = Field(
         True, description="Drop prediction times at or after the subject's first outcome event."
@@ -228,16 +229,8 @@ class TaskSpec(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    """One line per invalid field: dotted field name, what is wrong (with the allowed range), the value."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        shows_value = err["type"] != "missing" and not isinstance(err["input"], dict)
-        given = f" (got {err['input']!r})" if shows_value else ""
-        lines.append(f"  {loc}: {msg}{given}")
-    return f"{source}: invalid task spec\n" + "\n".join(lines)
+def _invalid_task(source: str, exc: ValidationError) -> str:
+    return validation_message(f"{source}: invalid task spec", exc)
 
 
 def task_from_dict(data: dict, source: str = "task spec", base_dir: Path | None = None) -> TaskSpec:
@@ -247,7 +240,7 @@ def task_from_dict(data: dict, source: str = "task spec", base_dir: Path | None 
     try:
         spec = TaskSpec.model_validate(data)
     except ValidationError as exc:
-        raise WorkbenchError(_format_validation_error(source, exc)) from None
+        raise WorkbenchError(_invalid_task(source, exc)) from None
     path = spec.prediction_times.labels_path
     if path and base_dir is not None and not Path(path).is_absolute():
         spec.prediction_times.labels_path = str((base_dir / path).resolve())
@@ -768,7 +761,7 @@ def _apply_rules(lf: pl.LazyFrame, rules: list[tuple[str, str, pl.Expr]], splits
 #: Rules that decide whether a moment may be scored at all (none reads anything after it).
 SCORING_RULES = ("no_prior_data", "min_history", "min_events", "age", "prior_competing", "prior_outcome")
 #: A MEDS code that ends every record, whatever the task.
-DEATH_CODE = "MEDS_DEATH"
+DEATH_CODE = meds.death_code
 
 
 def end_of_record_match(spec: TaskSpec) -> pl.Expr:

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import meds
 import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workbench.data.meds_io import SPLIT_NAMES, MedsDataset, write_dataset
+from workbench.config import validation_message
 from workbench.errors import SourceTableError, WorkbenchError
 
 #: Name of the 1-based data-row number column carried through parsing for error messages.
@@ -52,7 +54,7 @@ _MICROSECONDS = {
 TimeUnit = Literal["seconds", "minutes", "hours", "days", "weeks", "years"]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEFAULT_NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "NULL", "null", "None"]
-BIRTH_CODE = "MEDS_BIRTH"
+BIRTH_CODE = meds.birth_code
 _EVENT_COLUMNS = ["subject_id", "time", "code", "numeric_value"]
 
 
@@ -272,8 +274,7 @@ def make_config(model: type[BaseModel], values: dict, source: str = "config") ->
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors()]
-        raise WorkbenchError(f"{source}: invalid {model.__name__}:\n" + "\n".join(lines)) from None
+        raise WorkbenchError(validation_message(f"{source}: invalid {model.__name__}", exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

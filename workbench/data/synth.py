@@ -49,18 +49,20 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import meds
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from workbench.data.meds_io import MedsDataset, ShardWriter, open_dataset
+from workbench.config import validation_message
 from workbench.errors import WorkbenchError
 
 GENERATOR_NAME = "workbench.data.synth"
 GROUND_TRUTH_FILE = Path("metadata") / "ground_truth.parquet"
 
-BIRTH_CODE = "MEDS_BIRTH"
-DEATH_CODE = "MEDS_DEATH"
+BIRTH_CODE = meds.birth_code
+DEATH_CODE = meds.death_code
 END_CODE = "END_OF_FOLLOWUP"
 VISIT_CODE = "VISIT"
 PLANTED_CODE = "DX//planted_event"
@@ -206,11 +208,7 @@ def make_config(**values) -> SynthConfig:
     try:
         return SynthConfig(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
-            for err in exc.errors()
-        )
-        raise WorkbenchError(f"invalid synth config: {problems}") from None
+        raise WorkbenchError(validation_message("invalid synth config", exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
