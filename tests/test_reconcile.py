@@ -203,6 +203,33 @@ def test_sigkilled_run_is_recorded_killed_and_rerun_computes_only_the_killed_ste
     assert runs.reconcile("test") == []
 
 
+@pytest.mark.slow
+def test_sigterm_closes_the_runs_failed_at_once(tmp_path, monkeypatch):
+    """SIGTERM (what `timeout` and `kill` send) ends `workbench run` like Ctrl-C: nothing stays RUNNING."""
+    notebooks = {"note.ipynb": (NOTE_PARAMS, NOTE_CELLS), "slow.ipynb": (SLOW_PARAMS, SLOW_CELLS)}
+    path = pipeline_project(tmp_path, monkeypatch, notebooks, "killme", KILL_PIPELINE)
+    (tmp_path / "hold").mkdir()
+    proc = workbench(tmp_path, "run", str(path), start_new_session=True)
+    kernel = None
+    try:
+        kernel = int(wait_for(lambda: (tmp_path / "train-started").is_file() and (tmp_path / "train-started").read_text(),
+                              90, "the train step to start"))
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if kernel:
+            kill_process(kernel)
+    (tmp_path / "hold").rmdir()
+    assert proc.returncode == 130 and "stopped (SIGTERM)" in output and "Traceback" not in output, output
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("killme").experiment_id
+    statuses = {r.info.run_name.split()[0]: r.info.status for r in client.search_runs([exp])}
+    assert statuses == {"killme": "FAILED", "prep": "FINISHED", "train": "FAILED"}, statuses
+
+
 # --- two pipelines at once on one store ----------------------------------------------------
 
 RACE_PARAMS = "seed = 0\noutput_dir = 'scratch'\nmlflow_run_id = None\n"

@@ -178,6 +178,11 @@ def test_predict_without_times_scores_the_tasks_moments_never_at_an_end_of_recor
     assert "at_death.parquet: column 'prediction_time': 1 prediction time(s) at or after" in " ".join(result.output.split())
     assert f"subject_id={died['subject_id'][0]}" in result.output and "MEDS_DEATH" in result.output
     assert not (tmp_path / "p.parquet").exists()
+    stranger = tmp_path / "stranger.parquet"
+    pl.DataFrame({"subject_id": [10**9], "prediction_time": [died["time"][0]]}).write_parquet(stranger)
+    result = CliRunner().invoke(app, ["predict", "--model", uri, "--data", str(root), "--times", str(stranger),
+                                      "--out", str(tmp_path / "p.parquet")])
+    assert result.exit_code == 2 and f"{stranger}: column 'subject_id'" in " ".join(result.output.split()), result.output
 
 
 def test_predict_reports_an_unknown_model(pbc_runs, tmp_path):

@@ -186,8 +186,13 @@ def label_command(
 
     from rich.console import Console as _Console
 
+    from workbench.files import check_output, write_text_atomic
     from workbench.tasks import make_labels
 
+    task_file = task if task.endswith((".yaml", ".yml", ".parquet")) else None
+    check_output(out, "--out", inputs=(data, task_file))
+    if report is not None:
+        check_output(report, "--report", inputs=(data, task_file, out))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # printed below from the report instead
         result = make_labels(data, task)
@@ -197,8 +202,7 @@ def label_command(
     for note in result.report.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(result.report.to_dict(), indent=2) + "\n")
+        write_text_atomic(report, json.dumps(result.report.to_dict(), indent=2) + "\n")
     console.print(f"wrote {result.report.labels} labels to {out}", highlight=False)
 
 # --- feature commands ---
@@ -218,8 +222,14 @@ def features_command(
 
     from workbench import features as ft
 
+    from workbench.files import check_output
+    from workbench.labels import read_labels
+
     if spec is not None and config is not None:
         raise WorkbenchError("--spec and --config are exclusive: a saved spec already holds its config")
+    check_output(out, "--out", inputs=(data, labels, spec, config), folder_marker=ft.MANIFEST_FILE)
+    if spec is None:
+        read_labels(labels, need_values=True)  # fitting needs the outcome of every label
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ft.UnseenCodesWarning)
         if spec is not None:
@@ -297,9 +307,10 @@ def predict(
     times: Optional[Path] = typer.Option(None, "--times", help="Parquet of subject_id, prediction_time (default: the moments the model's task predicts at, before any death or end of follow-up)"),
 ) -> None:
     """Score a MEDS dataset with a registered model and its saved FeatureSpec."""
-    from workbench.files import write_parquet_atomic
+    from workbench.files import check_output, write_parquet_atomic
     from workbench.experiment import score
 
+    check_output(out, "--out", inputs=(data, times))
     preds = score(model, data, times)
     write_parquet_atomic(preds, out)
     Console().print(f"{preds.height:,} predictions -> {out}")
@@ -310,7 +321,7 @@ def predict(
 def explain(
     run: str = typer.Option(..., "--run", help="MLflow run id of a sequence model run"),
     subjects: Optional[list[int]] = typer.Option(None, "--subjects", help="Explain only these subject ids (repeatable)"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Explain at most this many held-out samples"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Explain at most this many held-out samples"),
     config: Optional[Path] = typer.Option(None, "--config", help="ExplainConfig YAML"),
 ) -> None:
     """SHAP per time step for a model run's held-out samples, logged to that run, with checks and verdicts."""
@@ -613,8 +624,28 @@ def run_pipeline_command(
     reconcile_runs("workbench run")
     from workbench.pipelines import parse_overrides, run_pipeline
 
-    result = run_pipeline(find_pipeline(pipeline), parse_overrides(param), force=force, engine=engine, console=console)
+    result = run_stoppable(lambda: run_pipeline(find_pipeline(pipeline), parse_overrides(param), force=force,
+                                                engine=engine, console=console))
     print_pipeline_result(result)
+
+
+def run_stoppable(job):
+    """Run ``job`` so that SIGTERM (a `timeout`, a scheduler's stop, `kill`) ends it like Ctrl-C: the
+    running step and the pipeline's runs are closed FAILED on the way out instead of left RUNNING."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return job()
+    except KeyboardInterrupt as exc:
+        console.print(f"[bold red]stopped[/] ({escape(str(exc) or 'interrupted')}): the pipeline's MLflow runs are "
+                      "marked FAILED; rerun to continue from the steps that finished", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- runs commands (reconcile) ---

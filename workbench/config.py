@@ -30,22 +30,35 @@ def validation_message(source: str, exc, locate=None) -> str:
     return "\n".join(lines)
 
 
-def load_yaml_config(cls, path):
-    """A pydantic config from a YAML file of its fields; every problem names the file and the field."""
+def read_yaml(path, what: str):
+    """The data of a YAML file; an unreadable, non-UTF-8 or invalid one is a WorkbenchError naming it."""
     from pathlib import Path
 
     import yaml
-    from pydantic import ValidationError
 
     from workbench.errors import WorkbenchError
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise WorkbenchError(f"{path}: cannot read {cls.__name__} YAML ({exc.strerror})") from None
+        raise WorkbenchError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"{path}: {what} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise WorkbenchError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_yaml_config(cls, path):
+    """A pydantic config from a YAML file of its fields; every problem names the file and the field."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from workbench.errors import WorkbenchError
+
+    path = Path(path)
+    data = read_yaml(path, f"{cls.__name__} YAML")
     if data is not None and not isinstance(data, dict):
         raise WorkbenchError(f"{path}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
     try:
@@ -125,6 +138,11 @@ def check_notebook_parameters(notebook, params: dict, declared: dict, where: str
     for key, value in params.items():
         config = next((c for c in field_configs if key in c.model_fields), None)
         if config is not None:
+            if isinstance(value, bool) and config.model_fields[key].annotation is not bool:
+                annotation = config.model_fields[key].annotation
+                problems.append(f"{where}: parameter {key}: expected {getattr(annotation, '__name__', annotation)} "
+                                f"(got {str(value).lower()}, which pydantic would read as {int(value)})")
+                continue
             try:
                 config.model_validate({key: value})
             except ValidationError as exc:

@@ -398,7 +398,13 @@ def score(model_uri: str, data_root, times=None) -> pl.DataFrame:
     tracking.setup()
     tracking.run_of_model(model_uri)  # a clear error for an unknown name, alias or version
     model = load_risk_model(model_uri)
-    samples = None if times is None else load_labels(times).select("subject_id", "prediction_time")
+    samples = None
+    if times is not None:
+        from workbench.data.meds_io import open_dataset
+        from workbench.labels import check_labels_in_data
+
+        samples = load_labels(times).select("subject_id", "prediction_time")
+        check_labels_in_data(samples, open_dataset(data_root).events(), str(data_root), source=str(times))
     return model.score(data_root, samples, source=str(times))
 
 

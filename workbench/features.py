@@ -57,13 +57,12 @@ from typing import Literal, Sequence
 import numpy as np
 import meds
 import polars as pl
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.data.meds_io import SPLITS_FILE, EventFrame, MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
-from workbench.config import validation_message
+from workbench.config import read_yaml, validation_message
 from workbench.files import replace_directory, temporary_directory_for, write_text_atomic
 
 Agg = Literal["last", "mean", "min", "max"]
@@ -169,10 +168,7 @@ class FeatureConfig(BaseModel):
     def from_yaml(cls, path: str | os.PathLike) -> "FeatureConfig":
         """Load from a YAML file (a mapping of field names; a top-level ``features:`` key is accepted)."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise WorkbenchError(f"{path}: cannot read feature config: {exc}") from None
+        data = read_yaml(path, "feature config")
         if isinstance(data, dict) and set(data) == {"features"}:
             data = data["features"]
         if data is not None and not isinstance(data, dict):

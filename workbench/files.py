@@ -69,6 +69,32 @@ def _write_via_temporary(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def check_output(out: str | os.PathLike, option: str, inputs=(), folder_marker: str | None = None) -> Path:
+    """Refuse an output path before anything is computed when writing there would destroy something:
+    an input (the dataset, the labels) or a path inside one, a folder holding an input, an existing
+    folder where a file goes, or (for a folder output, recognised by ``folder_marker``) an existing
+    folder that is not an earlier output of the same command."""
+    from workbench.errors import WorkbenchError
+
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise WorkbenchError(f"{option} {out}: would overwrite the input {given}; write somewhere else")
+    if folder_marker is None and target.is_dir():
+        raise WorkbenchError(f"{option} {out}: is a folder; give a file path")
+    if folder_marker is not None and target.exists():
+        if not target.is_dir():
+            raise WorkbenchError(f"{option} {out}: is a file; give a folder path")
+        if any(target.iterdir()) and not (target / folder_marker).is_file():
+            raise WorkbenchError(f"{option} {out}: is a folder that holds other things (no {folder_marker}); "
+                                 "its contents would be replaced: give a new or empty folder")
+    return out
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary sibling and a rename."""
     return _write_via_temporary(path, lambda tmp: tmp.write_text(text))

@@ -227,7 +227,10 @@ class _YamlSource:
             self.raw = path.read_bytes()
         except OSError as exc:
             raise WorkbenchError(f"{path}: cannot read pipeline file ({exc.strerror})") from exc
-        text = self.raw.decode("utf-8", errors="replace")
+        try:
+            text = self.raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WorkbenchError(f"{path}: pipeline file is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         try:
             self.root = yaml.compose(text, Loader=yaml.SafeLoader)
             self.data = yaml.safe_load(text)
@@ -764,12 +767,19 @@ def _run_notebook(execution: Execution, params: dict[str, Any], run_dir: Path, u
     try:
         # IPC sockets in a private temp dir: the kernel is reachable only by us (no open TCP
         # ports, and no "running over TCP without encryption" warning on every execution).
-        with _kernel_environment(uri), tempfile.TemporaryDirectory(prefix="wb-kernel-") as sockets:
+        # The kernel's own stderr (its log: start-up errors, a teardown after an interrupt) goes to a
+        # file beside the notebook, not to the user's terminal; cell output reaches the notebook.
+        with _kernel_environment(uri), tempfile.TemporaryDirectory(prefix="wb-kernel-") as sockets, \
+                open(run_dir / f".{execution.label}.kernel.log", "ab") as kernel_log:
 
             class IpcKernelManager(AsyncKernelManager):
                 # A class, not an instance: nbclient then owns the kernel and shuts it down.
                 def __init__(self, **kwargs):
                     super().__init__(transport="ipc", ip=f"{sockets}/k", **kwargs)
+
+                async def start_kernel(self, **kwargs):
+                    kwargs.setdefault("stderr", kernel_log)
+                    return await super().start_kernel(**kwargs)
 
             papermill.execute_notebook(
                 str(execution.notebook), str(partial), parameters=params, kernel_name=ensure_kernelspec(),

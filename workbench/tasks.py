@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workbench.data.meds_io import MedsDataset, open_dataset
-from workbench.config import check_regexes, validation_message
+from workbench.config import check_regexes, read_yaml, validation_message
 from workbench.errors import WorkbenchError
 from workbench.files import write_parquet_atomic
 from workbench.labels import LABEL_SCHEMA, check_labels_in_data, read_labels
@@ -65,8 +65,8 @@ class _Section(BaseModel):
 def _finite_days(value):
     """Field validator (before parsing) of a day count: finite and at most :data:`MAX_DAYS`, so
     ``.inf`` or ``1e12`` is refused naming the field instead of overflowing a date later."""
-    if isinstance(value, bool):
-        return value  # pydantic's own error for a boolean
+    if isinstance(value, bool):  # pydantic would read true as 1 day
+        raise ValueError(f"must be a number of days, not {str(value).lower()}")
     try:
         days = float(value)
     except (TypeError, ValueError):
@@ -299,11 +299,11 @@ def load_task(path_or_name: str | os.PathLike | TaskSpec | dict) -> TaskSpec:
         path = Path(str(importlib.resources.files("workbench") / SHIPPED_SPECS_PACKAGE_DIR / f"{text}.yaml"))
     if not path.is_file():
         raise WorkbenchError(f"{path}: task spec file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise WorkbenchError(f"{path}: not valid YAML: {exc}") from None
-    return task_from_dict(data if data is not None else {}, source=str(path), base_dir=path.parent)
+    data = read_yaml(path, "task spec")
+    if data is None:
+        raise WorkbenchError(f"{path}: the task spec is empty (it needs at least name, prediction_times and outcome; "
+                             "see workbench/task_specs/pbc_mortality.yaml)")
+    return task_from_dict(data, source=str(path), base_dir=path.parent)
 
 
 # --------------------------------------------------------------------------------------------

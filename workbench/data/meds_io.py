@@ -62,7 +62,8 @@ class MedsDataset:
         names = lf.collect_schema().names()
         if "numeric_value" not in names:
             lf = lf.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
-        return lf.select(list(EVENT_SCHEMA))
+        # Validation accepts any integer / timestamp unit / string encoding; downstream reads one schema.
+        return lf.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
 
     def splits(self) -> pl.DataFrame:
         """``subject_id, split`` (empty if the dataset has no split file)."""
