@@ -224,10 +224,12 @@ def test_sigterm_closes_the_runs_failed_at_once(tmp_path, monkeypatch):
             kill_process(kernel)
     (tmp_path / "hold").rmdir()
     assert proc.returncode == 130 and "stopped (SIGTERM)" in output and "Traceback" not in output, output
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # this test's store (mlflow keeps an earlier one's URI)
     exp = client.get_experiment_by_name("killme").experiment_id
-    statuses = {r.info.run_name.split()[0]: r.info.status for r in client.search_runs([exp])}
-    assert statuses == {"killme": "FAILED", "prep": "FINISHED", "train": "FAILED"}, statuses
+    found = client.search_runs([exp])
+    statuses = {r.info.run_name.split()[0]: r.info.status for r in found}
+    assert statuses == {"killme": "FAILED", "prep": "FINISHED", "train": "FAILED"}, (
+        statuses, [r.data.tags.get(runs.KILLED_TAG) for r in found], output)
 
 
 # --- two pipelines at once on one store ----------------------------------------------------
