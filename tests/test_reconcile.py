@@ -158,25 +158,34 @@ def kill_process(pid: int) -> None:
         pass
 
 
-@pytest.mark.slow
-def test_sigkilled_run_is_recorded_killed_and_rerun_computes_only_the_killed_step(tmp_path, monkeypatch):
-    notebooks = {"note.ipynb": (NOTE_PARAMS, NOTE_CELLS), "slow.ipynb": (SLOW_PARAMS, SLOW_CELLS)}
-    path = pipeline_project(tmp_path, monkeypatch, notebooks, "killme", KILL_PIPELINE)
-    (tmp_path / "hold").mkdir()
-    proc = workbench(tmp_path, "run", str(path), start_new_session=True)
+SLOW_NOTEBOOKS = {"note.ipynb": (NOTE_PARAMS, NOTE_CELLS), "slow.ipynb": (SLOW_PARAMS, SLOW_CELLS)}
+
+
+def stop_during_train(home: Path, path: Path, stop):
+    """Start `workbench run` in its own session, call ``stop(proc)`` once the train step runs; returns
+    (proc, what stop returned). Whatever happens, nothing of it is left running."""
+    (home / "hold").mkdir()
+    proc = workbench(home, "run", str(path), start_new_session=True)
     kernel = None
     try:
-        kernel = int(wait_for(lambda: (tmp_path / "train-started").is_file() and (tmp_path / "train-started").read_text(),
+        kernel = int(wait_for(lambda: (home / "train-started").is_file() and (home / "train-started").read_text(),
                               90, "the train step to start"))
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole `workbench run` process group, mid-step
-        proc.wait(timeout=30)
+        returned = stop(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         if kernel:
             kill_process(kernel)  # the kernel runs in its own session; it would follow its parent within 1 s
-    (tmp_path / "hold").rmdir()
+    (home / "hold").rmdir()
+    return proc, returned
+
+
+@pytest.mark.slow
+def test_sigkilled_run_is_recorded_killed_and_rerun_computes_only_the_killed_step(tmp_path, monkeypatch):
+    path = pipeline_project(tmp_path, monkeypatch, SLOW_NOTEBOOKS, "killme", KILL_PIPELINE)
+    # the whole `workbench run` process group, mid-step
+    proc, _ = stop_during_train(tmp_path, path, lambda proc: (os.killpg(proc.pid, signal.SIGKILL), proc.wait(timeout=30)))
     killed_dir = next(d for d in (tmp_path / "runs" / "killme").iterdir() if not d.name.startswith("."))
     assert (killed_dir / "train.partial.ipynb").is_file() and (killed_dir / "train").is_dir()
 
@@ -206,23 +215,9 @@ def test_sigkilled_run_is_recorded_killed_and_rerun_computes_only_the_killed_ste
 @pytest.mark.slow
 def test_sigterm_closes_the_runs_failed_at_once(tmp_path, monkeypatch):
     """SIGTERM (what `timeout` and `kill` send) ends `workbench run` like Ctrl-C: nothing stays RUNNING."""
-    notebooks = {"note.ipynb": (NOTE_PARAMS, NOTE_CELLS), "slow.ipynb": (SLOW_PARAMS, SLOW_CELLS)}
-    path = pipeline_project(tmp_path, monkeypatch, notebooks, "killme", KILL_PIPELINE)
-    (tmp_path / "hold").mkdir()
-    proc = workbench(tmp_path, "run", str(path), start_new_session=True)
-    kernel = None
-    try:
-        kernel = int(wait_for(lambda: (tmp_path / "train-started").is_file() and (tmp_path / "train-started").read_text(),
-                              90, "the train step to start"))
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if kernel:
-            kill_process(kernel)
-    (tmp_path / "hold").rmdir()
+    path = pipeline_project(tmp_path, monkeypatch, SLOW_NOTEBOOKS, "killme", KILL_PIPELINE)
+    proc, (output, _) = stop_during_train(
+        tmp_path, path, lambda proc: (proc.send_signal(signal.SIGTERM), proc.communicate(timeout=60))[1])
     assert proc.returncode == 130 and "stopped (SIGTERM)" in output and "Traceback" not in output, output
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # this test's store (mlflow keeps an earlier one's URI)
     exp = client.get_experiment_by_name("killme").experiment_id
