@@ -40,7 +40,8 @@ import polars as pl
 from workbench import features as ft
 from workbench.data.meds_io import open_dataset
 
-CONFIG = ft.FeatureConfig(bin_width="7d", n_steps=48, numeric_aggs=["last"], min_code_frequency=0.0)
+CONFIG = ft.FeatureConfig(bin_width="7d", n_steps=48, numeric_aggs=["last"], min_code_frequency=0.0,
+                          add_history=False)  # the pandas baseline implements the binned channels only
 EVENTS_PER_SUBJECT = 100
 
 

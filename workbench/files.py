@@ -16,6 +16,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def project_home() -> Path:
+    """The directory holding ``mlruns/`` and ``runs/``, the same wherever a command or a notebook
+    is started from: ``WORKBENCH_HOME`` when set, else the project checkout this package lives in
+    (the usual editable install), else the current directory."""
+    if os.environ.get("WORKBENCH_HOME"):
+        return Path(os.environ["WORKBENCH_HOME"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[1]  # the checkout: workbench/files.py -> ..
+    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
+        return checkout
+    return Path.cwd().resolve()
+
+
 def _temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     """``.NAME.tmp-<pid>-<random>``: the writer's pid lets a later writer tell a dead one's leftovers."""
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")

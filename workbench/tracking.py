@@ -23,6 +23,7 @@ import polars as pl
 from mlflow.tracking import MlflowClient
 
 from workbench.errors import WorkbenchError
+from workbench.files import project_home  # noqa: F401  (tracking.project_home: where mlruns/ and runs/ live)
 
 CHAMPION = "champion"
 AUROC_TAG = "tuning_auroc"  # registered version tag: the tuning-split AUROC the champion rule compares
@@ -34,18 +35,6 @@ DATA_ROOT_TAG = "workbench.data_root"
 SKIPPED_TAG = "workbench.skipped"
 TASK_ARTIFACT = "task/spec.json"
 PREDICTIONS_ARTIFACT = "predictions/held_out.parquet"
-
-
-def project_home() -> Path:
-    """The directory holding ``mlruns/`` and ``runs/``, the same wherever a command or a notebook
-    is started from: ``WORKBENCH_HOME`` when set, else the project checkout this package lives in
-    (the usual editable install), else the current directory."""
-    if os.environ.get("WORKBENCH_HOME"):
-        return Path(os.environ["WORKBENCH_HOME"]).expanduser().resolve()
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "notebooks").is_dir():
-        return checkout
-    return Path.cwd().resolve()
 
 
 def store_description() -> str:

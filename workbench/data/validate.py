@@ -144,7 +144,7 @@ def require_valid_cached(root: str | Path) -> ValidationReport:
 
 
 def _validated_dir() -> Path:
-    from workbench.tracking import project_home
+    from workbench.files import project_home
 
     return project_home() / "runs" / ".validated"
 
