@@ -23,13 +23,11 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from workbench import explain as E  # noqa: E402
-from workbench.models import ModelConfig, build_model  # noqa: E402
+from workbench import explain as E  # workbench/__init__.py chooses the torch backend before keras loads
+from workbench.models import ModelConfig, build_model
 
 T, F = 48, 32
 

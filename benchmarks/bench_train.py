@@ -27,11 +27,11 @@ import time
 
 import numpy as np
 
-import workbench.models as wm  # first: selects the torch backend before keras loads
+import workbench.models as wm  # first: workbench/__init__.py chooses the torch backend before keras loads
 from workbench.training import TrainConfig, balanced_sample_weights, train
 
-import keras  # noqa: E402
-import torch  # noqa: E402
+import keras
+import torch
 
 
 class RawLSTM(torch.nn.Module):

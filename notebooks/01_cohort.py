@@ -41,9 +41,6 @@ from IPython.display import Markdown, display
 
 from workbench import tracking
 from workbench.cohort import cached_cohort, prepare_cohort, settings_markdown
-from workbench.data.meds_io import open_dataset
-from workbench.features import split_counts
-from workbench.plots import patient_timelines_plot
 
 display(Markdown(tracking.store_description()))
 cohort = (prepare_cohort if output_dir else cached_cohort)(task, data, features)
@@ -61,21 +58,13 @@ display(Markdown(settings_markdown(cohort.task, features)))
 # Every mark is an event; the rows are patients with at least one positive label.
 
 # %% tags=["figure"]
-positives = cohort.labels.filter(cohort.labels["boolean_value"])["subject_id"].unique().sort().head(4).to_list()
-negatives = cohort.labels.filter(~cohort.labels["boolean_value"])["subject_id"].unique().sort().head(2).to_list()
-events = open_dataset(cohort.data_root).events().collect()
-display(patient_timelines_plot(events, positives + negatives,
-                               title="Event timelines (first 4 with a positive label, 2 without)"))
+display(cohort.timelines_figure())
 
 # %% [markdown]
 # ## Sequence tensors
 
 # %%
-X = cohort.tensors.X
-display(Markdown(
-    f"**{X.shape[0]:,} samples × {X.shape[1]} steps × {X.shape[2]} features**; "
-    f"samples per split: {split_counts(cohort.tensors.split)}; features: `{', '.join(cohort.tensors.feature_names)}`"
-))
+display(Markdown(cohort.tensors_markdown()))
 
 # %%
 if output_dir:

@@ -68,15 +68,14 @@ mlflow_parent_run_id = None
 from IPython.display import Markdown, display
 
 from workbench import tracking
-from workbench.cohort import cached_cohort, load_cohort
+from workbench.cohort import handed_over
 from workbench.evaluation import EvalConfig
 from workbench.experiment import run_model, save_model_run, threshold_markdown
 from workbench.models import ModelConfig
 from workbench.training import TrainConfig
 
 display(Markdown(tracking.store_description()))
-handed_over = cohort_dir or (upstream or {}).get("cohort", [None])[0]
-cohort = load_cohort(handed_over) if handed_over else cached_cohort(task, data, features)
+cohort = handed_over(cohort_dir, upstream, task, data, features)
 configs = dict(
     model_config=ModelConfig(units=units, layers=layers, dropout=dropout, recurrent_dropout=recurrent_dropout,
                              bidirectional=bidirectional, head_units=head_units, learning_rate=learning_rate),

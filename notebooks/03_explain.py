@@ -49,7 +49,6 @@ output_dir = None
 from IPython.display import Markdown, display
 
 from workbench import tracking
-from workbench.experiment import tensors_for_run
 from workbench.explain import ExplainConfig
 from workbench.explanations import choose_run_to_explain, explain_run
 
@@ -58,7 +57,7 @@ chosen = choose_run_to_explain(run_id, upstream, task)
 config = ExplainConfig(**{"n_background": n_background, "background_selection": background_selection,
                           "alphas_per_background": alphas_per_background, "path_grid": path_grid,
                           "reference_samples": reference_samples, "seed": seed, "progress": False, **explain_settings})
-result = explain_run(chosen, tensors_for_run(chosen), config, subjects=subjects, max_samples=max_samples,
+result = explain_run(chosen, config=config, subjects=subjects, max_samples=max_samples,
                      n_patients=n_patients)
 display(Markdown(result.summary()))
 

@@ -6,7 +6,6 @@ import datetime as dt
 import os
 import tempfile
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
 # The package's default project home is its checkout (tracking.project_home): no test may write
 # runs or MLflow data there. Tests that need a home set their own; everything else lands here.
 os.environ.setdefault("WORKBENCH_HOME", tempfile.mkdtemp(prefix="workbench-test-home-"))

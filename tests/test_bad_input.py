@@ -146,11 +146,11 @@ def logged_run(kind: str) -> str:
     """A model run as a train step tags it (no model logged: the refusal must come before loading one)."""
     import mlflow
 
-    from workbench import tracking
+    from workbench import record, tracking
 
     tracking.setup()
     with mlflow.start_run(experiment_id=tracking.experiment_id("bad_input")) as run:
-        mlflow.set_tags({tracking.MODEL_TAG: kind, tracking.DATA_ROOT_TAG: "/nowhere", tracking.TASK_TAG: "pbc_mortality"})
+        mlflow.set_tags({record.MODEL_TAG: kind, record.DATA_ROOT_TAG: "/nowhere", record.TASK_TAG: "pbc_mortality"})
     return run.info.run_id
 
 

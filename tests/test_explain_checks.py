@@ -12,9 +12,6 @@ a few seconds in all.
 from __future__ import annotations
 
 import dataclasses
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import polars as pl

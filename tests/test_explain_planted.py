@@ -14,10 +14,6 @@ every sample. About 40 s on an idle 2-core machine.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "torch")
-
 import numpy as np
 import polars as pl
 import pytest

@@ -16,13 +16,16 @@ from workbench.models import (
     FusedRecurrent,
     LogisticReference,
     ModelConfig,
+    SequenceModelParts,
     build_model,
+    logit_function,
     mayo_inputs_from_features,
     mayo_pbc_score,
+    split_sequence_model,
 )
 
-import keras  # noqa: E402  (after workbench.models, which selects the torch backend)
-import torch  # noqa: E402
+import keras  # after a workbench import: workbench/__init__.py chooses the torch backend
+import torch
 
 T, F = 8, 4
 
@@ -76,12 +79,44 @@ def test_fused_lstm_computes_what_keras_lstm_computes():
         with torch.no_grad():
             for cell, suffix in zip(cells, ["", "_reverse"]):
                 kernel, recurrent, bias = (keras.ops.convert_to_numpy(w) for w in cell.weights)
-                params = dict(fused.torch_rnn.module.named_parameters())
+                params = dict(fused.torch_module().named_parameters())
                 params[f"weight_ih_l0{suffix}"].copy_(torch.from_numpy(kernel.T))
                 params[f"weight_hh_l0{suffix}"].copy_(torch.from_numpy(recurrent.T))
                 params[f"bias_ih_l0{suffix}"].copy_(torch.from_numpy(bias))
                 params[f"bias_hh_l0{suffix}"].zero_()
         np.testing.assert_allclose(keras.ops.convert_to_numpy(fused(x)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, layers, head_units", [("lstm", 1, 0), ("gru", 2, 3), ("rnn", 2, 0)])
+def test_split_model_runs_from_a_saved_state_as_the_whole_model(kind, layers, head_units):
+    """The recurrence run over a prefix, then from its states over the rest, then the head: the model's output."""
+    model = build_model(ModelConfig(kind=kind, units=5, layers=layers, head_units=head_units), T, F, seed=0)
+    parts = split_sequence_model(model)
+    assert isinstance(parts, SequenceModelParts)
+    assert len(parts.recurrent) == layers and len(parts.head) == 1 + (head_units > 0)
+    x = torch.from_numpy(sequences(6))
+    with torch.no_grad():
+        expected = model(x, training=False)
+        features, _ = parts.run_recurrence(x)
+        np.testing.assert_allclose(parts.head_risk(features).numpy(), expected.numpy(), atol=1e-6)
+        _, prefix_states = parts.run_recurrence(x[:, :3])
+        rows = torch.tensor([5, 0, 2])
+        features, _ = parts.run_recurrence(x[rows, 3:], parts.select_states(prefix_states, rows))
+        np.testing.assert_allclose(parts.head_risk(features).numpy(), expected[rows].numpy(), atol=1e-6)
+        logit = parts.head_logit(features)
+        np.testing.assert_allclose(torch.sigmoid(logit).numpy(), expected[rows].numpy(), atol=1e-6)
+        np.testing.assert_allclose(logit_function(model)(x[rows]).numpy(), logit.numpy(), atol=1e-5)
+
+
+def test_split_model_refuses_other_structures():
+    assert split_sequence_model(build_model(ModelConfig(units=4, bidirectional=True), T, F)) is None
+    assert split_sequence_model(build_model(ModelConfig(units=4, recurrent_dropout=0.2), T, F)) is None
+    assert logit_function(build_model(ModelConfig(units=4, recurrent_dropout=0.2), T, F)) is not None
+    assert split_sequence_model(torch.nn.Linear(2, 1)) is None and logit_function(torch.nn.Linear(2, 1)) is None
+    inputs = keras.Input(shape=(T, F))
+    linear_output = keras.layers.Dense(1)(FusedRecurrent("gru", units=3)(inputs))  # no sigmoid
+    unsigmoided = keras.Model(inputs, linear_output)
+    assert split_sequence_model(unsigmoided) is None and logit_function(unsigmoided) is None
 
 
 def test_same_seed_same_initial_weights_other_seed_differs():
@@ -122,7 +157,7 @@ def test_trained_model_saves_and_loads_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(
         f"""
         import numpy as np
-        import workbench.models  # registers FusedRecurrent and selects the torch backend
+        import workbench.models  # registers FusedRecurrent; workbench/__init__.py selects the torch backend
         import keras
         model = keras.models.load_model({str(tmp_path / "model.keras")!r})
         np.save({str(tmp_path / "loaded.npy")!r}, model.predict(np.load({str(tmp_path / "x.npy")!r}), verbose=0))

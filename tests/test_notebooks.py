@@ -70,6 +70,33 @@ def test_kernel_metadata_is_the_installed_kernels(name):
     assert metadata["language_info"] == IPythonKernel.language_info
 
 
+def definitions(source: str) -> list[str]:
+    """What a cell's code defines, "name (line N)" each: functions, classes and lambdas (which have no name)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.append(f"{node.name} (line {node.lineno})")
+        elif isinstance(node, ast.Lambda):
+            found.append(f"lambda (line {node.lineno})")
+    return found
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("x = 1\nprint(sorted([3, 1]))", []),
+        ("def f():\n    pass", ["f (line 1)"]),
+        ("async def g():\n    pass", ["g (line 1)"]),
+        ("class C:\n    pass", ["C (line 1)"]),
+        ("key = lambda row: row[0]", ["lambda (line 1)"]),
+        ("rows = sorted(rows,\n             key=lambda r: r.risk)", ["lambda (line 2)"]),
+        ("frame.apply(lambda x: (lambda y: y)(x))", ["lambda (line 1)", "lambda (line 1)"]),
+    ],
+)
+def test_definitions_finds_functions_classes_and_lambdas(source, expected):
+    assert definitions(source) == expected
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_parameters_cell_and_no_definitions(name):
     nb = jupytext.read(NOTEBOOKS / f"{name}.py")
@@ -77,9 +104,7 @@ def test_parameters_cell_and_no_definitions(name):
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
     assert nb.cells[0].cell_type == "markdown", "each notebook opens by saying what it does"
     for cell in code:
-        tree = ast.parse(cell.source)
-        defined = [getattr(n, "name", "lambda") for n in ast.walk(tree)
-                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))]
+        defined = definitions(cell.source)
         assert not defined, f"{name}: define {defined} in workbench/, not in a notebook cell"
 
 

@@ -76,6 +76,7 @@ def runs_by_label(client: MlflowClient, parent_run_id: str) -> dict[str, mlflow.
     return {r.info.run_name: r for r in children}
 
 
+@pytest.mark.slow
 def test_failure_keeps_notebook_fails_runs_and_rerun_skips_succeeded_steps(project):
     home = project.parent.parent
     # 1. The report notebook raises: exit 1, the step, cell and error printed.

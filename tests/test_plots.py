@@ -21,7 +21,6 @@ from workbench.plots import (
     metric_comparison_plot,
     pr_curve_plot,
     roc_curve_plot,
-    save_figure,
     shap_heatmap_plot,
     text_color_for,
     training_curves_plot,
@@ -55,8 +54,9 @@ def legend_texts(fig: Figure, axes_index: int = 0) -> list[str]:
     return [t.get_text() for t in legend.get_texts()]
 
 
-def assert_png(path, min_bytes: int = 10_000) -> None:
-    data = path.read_bytes()
+def assert_png(fig, min_bytes: int = 10_000) -> None:
+    """The PNG a notebook shows for ``fig`` (IPython's ``_repr_png_``) is a real, non-blank image."""
+    data = fig._repr_png_()
     assert data.startswith(PNG_MAGIC)
     assert len(data) > min_bytes  # a blank 720x600 canvas compresses to ~3 kB
 
@@ -65,7 +65,7 @@ def assert_png(path, min_bytes: int = 10_000) -> None:
 def test_curve_plots_save_non_trivial_pngs(make, curves, tmp_path):
     fig = make(curves)
     assert isinstance(fig, Figure)
-    assert_png(save_figure(fig, tmp_path / "plots" / f"{make.__name__}.png"))
+    assert_png(fig)
     assert plt.get_fignums() == []  # built without pyplot: nothing left open
 
 
@@ -107,7 +107,7 @@ def test_training_curves_mark_best_epoch(tmp_path):
         assert marker and marker[0].get_xdata()[0] == expected
     assert {"loss", "val_loss"} <= {line.get_label() for line in loss_ax.lines}
     assert "val_auroc" in {line.get_label() for line in metric_ax.lines}
-    assert_png(save_figure(fig, tmp_path / "training.png"))
+    assert_png(fig)
 
 
 def test_training_curves_accept_keras_history_dict():
@@ -127,14 +127,6 @@ def test_training_curves_reject_unknown_monitor_and_empty_history():
         training_curves_plot(HISTORY, monitor="val_auprc")
     with pytest.raises(WorkbenchError, match="empty"):
         training_curves_plot([])
-
-
-def test_save_figure_replaces_atomically_and_leaves_no_temp_files(curves, tmp_path):
-    target = tmp_path / "roc.png"
-    target.write_bytes(b"old")
-    save_figure(roc_curve_plot(curves), target)
-    assert_png(target)
-    assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
 
 
 def test_curve_plots_reject_bad_input():
@@ -245,7 +237,7 @@ def test_forest_plot_rows_sorted_best_first_nulls_skipped_axis_zoomed(tmp_path):
     texts = [t.get_text() for t in ax.texts]
     assert "0.931 (0.909–0.951)" in texts and "0.905 (0.878–0.930)" in texts
     assert not any("nan" in t or "None" in t for t in texts)
-    assert_png(save_figure(fig, tmp_path / "forest.png"), min_bytes=5_000)
+    assert_png(fig, min_bytes=5_000)
 
 
 def test_forest_plot_lower_is_better_reference_and_missing_ci():

@@ -181,7 +181,7 @@ def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_o
 def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server):
     from prefect.client.orchestration import get_client
 
-    from workbench.orchestrate import FLOW_NAME, deployment
+    from workbench.pipelines.prefect_engine import FLOW_NAME, deployment
 
     pipeline = load_pipeline(demo, {"title": "weekly"})
     deployment_id = deployment(pipeline, "0 2 * * 1").apply()
@@ -191,7 +191,7 @@ def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server)
     assert (flow.name, stored.name) == (FLOW_NAME, "demo")
     assert [s.schedule.cron for s in stored.schedules] == ["0 2 * * 1"]
     assert stored.parameters == {"path": str(demo), "overrides": {"title": "weekly"}, "force": True}
-    assert stored.entrypoint.endswith("orchestrate.py:pipeline_flow"), "workers import the flow, not a copy"
+    assert stored.entrypoint.endswith("pipelines/prefect_engine.py:pipeline_flow"), "workers import the flow, not a copy"
     with pytest.raises(WorkbenchError, match="not a valid cron"):
         deployment(pipeline, "every monday")
 
@@ -204,7 +204,7 @@ def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server)
     assert out.exit_code == 0, out.output
     with get_client(sync_client=True) as client:
         pooled = client.read_deployment_by_name(f"{FLOW_NAME}/nightly")
-    assert (pooled.work_pool_name, pooled.entrypoint) == ("workbench", "workbench.orchestrate.pipeline_flow")
+    assert (pooled.work_pool_name, pooled.entrypoint) == ("workbench", "workbench.pipelines.prefect_engine.pipeline_flow")
     assert [s.schedule.cron for s in pooled.schedules] == ["0 3 * * *"]
 
 

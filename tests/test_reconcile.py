@@ -20,8 +20,9 @@ from conftest import pipeline_project, wait_for
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from workbench import pipelines, runs, tracking
+from workbench import pipelines, record, runs, tracking
 from workbench.cli import app
+from workbench.record import KILLED_TAG, OWNER_TAG
 
 NOTE_PARAMS = "output_dir = 'scratch'\nmlflow_run_id = None\n"
 NOTE_CELLS = ["import pathlib\npathlib.Path(output_dir, 'note.txt').write_text('hi')"]
@@ -54,12 +55,12 @@ def runs_owned_by(pipeline, run_dir: Path, owner: runs.Owner) -> tuple[str, str]
     """A parent run and its train step run, created by the engine's own functions, owned by ``owner``."""
     tracking.setup()
     experiment = tracking.experiment_id(pipeline.experiment)
-    pipelines._OWNED[run_dir.name] = (owner, {})
+    pipelines.own_run(run_dir.name, owner)
     try:
         parent = pipelines.start_parent_run(pipeline, experiment, run_dir.name)
-        child = pipelines._start_child_run(pipeline, pipeline.steps["train"].executions[0], experiment, parent, run_dir.name)
+        child = pipelines.start_child_run(pipeline, pipeline.steps["train"].executions[0], experiment, parent, run_dir.name)
     finally:
-        pipelines._OWNED.pop(run_dir.name)
+        pipelines.release_run(run_dir.name)  # the record only: this owner's lock is another process's
     return parent, child
 
 
@@ -100,7 +101,7 @@ def test_reconcile_kills_runs_of_a_dead_owner_only_and_tidies_its_folder(project
         parent, child = runs_owned_by(pipeline, dead_dir, runs.Owner(owner_record(holder, dead_dir / runs.LOCK_FILE), None))
         (dead_dir / "train.partial.ipynb").write_text(json.dumps({"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {}}))
         client = MlflowClient()
-        assert client.get_run(parent).data.tags[runs.OWNER_TAG] and client.get_run(child).data.tags[runs.OWNER_TAG]
+        assert client.get_run(parent).data.tags[OWNER_TAG] and client.get_run(child).data.tags[OWNER_TAG]
         assert runs.reconcile("test") == [], "both owners alive: nothing is touched"
     finally:
         holder.kill()
@@ -111,9 +112,9 @@ def test_reconcile_kills_runs_of_a_dead_owner_only_and_tidies_its_folder(project
     for run_id in (parent, child):
         run = client.get_run(run_id)
         assert run.info.status == "KILLED"
-        assert f"owner pid {holder.pid} gone" in run.data.tags[runs.KILLED_TAG]
-        assert "found by workbench runs reconcile at 20" in run.data.tags[runs.KILLED_TAG]
-    assert "while running train" in client.get_run(parent).data.tags[runs.KILLED_TAG]
+        assert f"owner pid {holder.pid} gone" in run.data.tags[KILLED_TAG]
+        assert "found by workbench runs reconcile at 20" in run.data.tags[KILLED_TAG]
+    assert "while running train" in client.get_run(parent).data.tags[KILLED_TAG]
     assert client.get_run(live_parent).info.status == "RUNNING", "a live owner's run is never reconciled"
     assert sorted(p.name for p in dead_dir.iterdir()) == [".owner.lock", "prep", "train.killed.ipynb"]
     assert {a.path for a in client.list_artifacts(child, "notebook")} == {"notebook/train.killed.ipynb"}
@@ -199,8 +200,8 @@ def test_sigkilled_run_is_recorded_killed_and_rerun_computes_only_the_killed_ste
         f"killme {killed_dir.name}": "KILLED", "prep": "FINISHED", "train": "KILLED",
     }
     for name in (f"killme {killed_dir.name}", "train"):
-        assert f"owner pid {proc.pid} gone" in old[name].data.tags[runs.KILLED_TAG]
-        assert "found by workbench run at" in old[name].data.tags[runs.KILLED_TAG]
+        assert f"owner pid {proc.pid} gone" in old[name].data.tags[KILLED_TAG]
+        assert "found by workbench run at" in old[name].data.tags[KILLED_TAG]
     assert not [d for d in killed_dir.iterdir() if d.is_dir() and not any(d.iterdir())], "no empty step folder"
     assert (killed_dir / "train.killed.ipynb").is_file() and not (killed_dir / "train.partial.ipynb").exists()
 
@@ -224,7 +225,7 @@ def test_sigterm_closes_the_runs_failed_at_once(tmp_path, monkeypatch):
     found = client.search_runs([exp])
     statuses = {r.info.run_name.split()[0]: r.info.status for r in found}
     assert statuses == {"killme": "FAILED", "prep": "FINISHED", "train": "FAILED"}, (
-        statuses, [r.data.tags.get(runs.KILLED_TAG) for r in found], output)
+        statuses, [r.data.tags.get(KILLED_TAG) for r in found], output)
 
 
 # --- two pipelines at once on one store ----------------------------------------------------
@@ -274,7 +275,7 @@ def test_two_pipelines_at_once_on_one_store(tmp_path, monkeypatch):
         assert [(c.info.run_name, c.info.status) for c in children] == [("register", "FINISHED")], "none lost or doubled"
     versions = client.search_model_versions("name='race'")
     assert sorted(v.tags["seed"] for v in versions) == ["3", "7"], "one version per run"
-    champion = client.get_model_version_by_alias("race", tracking.CHAMPION)
+    champion = client.get_model_version_by_alias("race", record.CHAMPION)
     assert champion.tags["seed"] == "7", "the champion is the better version, whoever registered last"
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "race").glob("*/run.json")]
     assert len(manifests) == 2 and all(m["ok"] for m in manifests)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import pipeline_project, wait_for
-from workbench import schedule, tracking
+from workbench import record, schedule, tracking
 from workbench.cli import app
 from workbench.errors import WorkbenchError
 
@@ -137,11 +137,11 @@ def test_killed_scheduled_run_found_by_its_tag_never_a_live_manual_run(project):
     )
     assert holder.stdout.readline().strip() == "locked"
     owner = runs.Owner({"host": socket.gethostname(), "pid": holder.pid, "start": runs.process_start(holder.pid), "lock": str(lock)}, None)
-    pipelines._OWNED[run_dir.name] = (owner, schedule.run_tags("nightly", entry))
+    pipelines.own_run(run_dir.name, owner, schedule.run_tags("nightly", entry))
     try:
         scheduled = pipelines.start_parent_run(pipeline, experiment, run_dir.name)
     finally:
-        pipelines._OWNED.pop(run_dir.name)
+        pipelines.release_run(run_dir.name)  # the record only: this owner's lock is the holder's
     holder.kill()
     holder.wait()
     # A manual run of the same pipeline, started after the trigger and still running (owned by us).
@@ -151,7 +151,7 @@ def test_killed_scheduled_run_found_by_its_tag_never_a_live_manual_run(project):
         assert schedule.settle(entry, returncode=-9) == "killed"
         client = MlflowClient()
         assert client.get_run(scheduled).info.status == "KILLED"
-        assert "history entry" in client.get_run(scheduled).data.tags[runs.KILLED_TAG]
+        assert "history entry" in client.get_run(scheduled).data.tags[record.KILLED_TAG]
         assert client.get_run(manual).info.status == "RUNNING", "a live run is never marked killed"
         settled = schedule.history("nightly")[-1]
         assert (settled.status, settled.parent_run_id, settled.experiment_id) == ("killed", scheduled, experiment)
@@ -208,7 +208,7 @@ def test_scheduler_runs_due_schedule_skips_overlap_and_survives_restart(project)
     runs = finished_parent_runs("nightly")
     assert [r.info.run_id for r in runs] == [done.parent_run_id], "one completed pipeline run in MLflow"
     tags = runs[0].data.tags
-    assert (tags[schedule.SCHEDULE_TAG], tags[schedule.ENTRY_TAG]) == (done.schedule, str(done.id)), "tagged with its trigger"
+    assert (tags[record.SCHEDULE_TAG], tags[record.SCHEDULE_ENTRY_TAG]) == (done.schedule, str(done.id)), "tagged with its trigger"
 
     # While the scheduler is down: pause both, add a third whose last three minutes were missed.
     assert cli("schedule", "pause", "every-a").exit_code == 0

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.data.datasets import load
 from workbench.experiment import run_model
 from workbench.features import FeatureConfig, fit_transform
@@ -109,17 +109,17 @@ def test_champion_is_the_best_registered_version(pbc_runs):
     client = MlflowClient(tracking.tracking_uri())
     versions = client.search_model_versions(f"name='{TASK}'")
     assert len(versions) == 6  # every kind is registered, references included
-    by_auroc = {float(v.tags[tracking.AUROC_TAG]): int(v.version) for v in versions}  # tuning AUROC
-    champion = client.get_model_version_by_alias(TASK, tracking.CHAMPION)
+    by_auroc = {float(v.tags[record.AUROC_TAG]): int(v.version) for v in versions}  # tuning AUROC
+    champion = client.get_model_version_by_alias(TASK, record.CHAMPION)
     assert int(champion.version) == by_auroc[max(by_auroc)]
     # A new version that does not beat the champion leaves the alias where it is ...
     worse = tracking.register_and_maybe_promote(f"runs:/{runs['gru'].run_id}/model", TASK, min(by_auroc) - 0.01)
     assert not worse["promoted"]
-    assert int(client.get_model_version_by_alias(TASK, tracking.CHAMPION).version) == int(champion.version)
+    assert int(client.get_model_version_by_alias(TASK, record.CHAMPION).version) == int(champion.version)
     # ... and one that beats it takes the alias.
     better = tracking.register_and_maybe_promote(f"runs:/{runs['gru'].run_id}/model", TASK, max(by_auroc) + 0.01)
     assert better["promoted"]
-    assert int(client.get_model_version_by_alias(TASK, tracking.CHAMPION).version) == better["version"]
+    assert int(client.get_model_version_by_alias(TASK, record.CHAMPION).version) == better["version"]
 
 
 def test_predict_in_a_new_process_matches_in_process_predictions(pbc_runs, tmp_path):
@@ -129,7 +129,7 @@ def test_predict_in_a_new_process_matches_in_process_predictions(pbc_runs, tmp_p
     pl.DataFrame({"subject_id": held_out.subject_id, "prediction_time": held_out.prediction_time}).write_parquet(times)
     out = tmp_path / "preds.parquet"
     client = MlflowClient(tracking.tracking_uri())
-    version = client.get_model_version_by_alias(TASK, tracking.CHAMPION)
+    version = client.get_model_version_by_alias(TASK, record.CHAMPION)
     uri = f"models:/{TASK}/{version.version}"
     expected = next(r for r in runs.values() if r.run_id == version.run_id).risk
     proc = subprocess.run(
@@ -153,7 +153,7 @@ def test_predict_without_times_scores_the_tasks_moments_never_at_an_end_of_recor
     from workbench.experiment import score
 
     home, root, _, _ = pbc_runs
-    uri = f"models:/{TASK}@{tracking.CHAMPION}"
+    uri = f"models:/{TASK}@{record.CHAMPION}"
     preds = score(uri, root)
     events = pl.read_parquet(root / "data")
     ends = (events.filter(pl.col("code").is_in(["MEDS_DEATH", "END_OF_FOLLOWUP", "PBC//TRANSPLANT"]))

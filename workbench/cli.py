@@ -534,8 +534,8 @@ def deploy_command(
     pool: Optional[str] = typer.Option(None, "--pool", help="Register with this Prefect work pool and return (its workers run it)"),
 ) -> None:
     """Put a pipeline on Prefect's scheduler: serve it here (Ctrl-C stops), or register it with a work pool."""
-    from workbench.orchestrate import deploy_to_work_pool, serve
     from workbench.pipelines import load_pipeline, parse_overrides
+    from workbench.pipelines.prefect_engine import deploy_to_work_pool, serve
 
     loaded = load_pipeline(pipeline, parse_overrides(param))
     if pool is None:
@@ -718,7 +718,7 @@ def demo(
     """The main job: the pbc_mortality pipeline end to end on the bundled PBC data, local MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from workbench import tracking
+    from workbench import record, tracking
     from workbench.data.datasets import load
     from workbench.data.validate import require_valid
     from workbench.pipelines import parse_overrides, run_pipeline
@@ -726,7 +726,7 @@ def demo(
     print_validation(require_valid(load("pbc")))
     result = run_pipeline(find_pipeline("pbc_mortality"), parse_overrides(param), force=force, console=console)
     print_pipeline_result(result)
-    champion = MlflowClient().get_model_version_by_alias("pbc_mortality", tracking.CHAMPION)
+    champion = MlflowClient().get_model_version_by_alias("pbc_mortality", record.CHAMPION)
     stdout_console().print(
         f"\n[bold]Where to look[/]\n"
         f"  MLflow UI:          workbench ui   (then open http://127.0.0.1:5000, experiment pbc_mortality)\n"

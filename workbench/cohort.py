@@ -21,6 +21,7 @@ from pathlib import Path
 import polars as pl
 
 from workbench.errors import WorkbenchError
+from workbench.record import COHORT_FILE, upstream_cohort
 from workbench.features import FeatureConfig, SequenceTensors
 from workbench.files import (
     code_fingerprint,
@@ -32,7 +33,6 @@ from workbench.files import (
 )
 from workbench.tasks import CohortReport, TaskSpec, load_task
 
-COHORT_FILE = "cohort.json"
 
 
 @dataclass
@@ -49,6 +49,26 @@ class Cohort:
     def name(self) -> str:
         """The task's name: it names the MLflow experiment and the registered model."""
         return self.task.name
+
+    def tensors_markdown(self) -> str:
+        """One line: the tensors' shape, samples per split and feature names."""
+        from workbench.features import split_counts
+
+        X = self.tensors.X
+        return (f"**{X.shape[0]:,} samples × {X.shape[1]} steps × {X.shape[2]} features**; "
+                f"samples per split: {split_counts(self.tensors.split)}; features: `{', '.join(self.tensors.feature_names)}`")
+
+    def timelines_figure(self, n_positive: int = 4, n_negative: int = 2):
+        """Event timelines of the first few patients with a positive label and a few without."""
+        from workbench.data.meds_io import open_dataset
+        from workbench.plots import patient_timelines_plot
+
+        positive = self.labels["boolean_value"]
+        ids = (self.labels.filter(positive)["subject_id"].unique().sort().head(n_positive).to_list()
+               + self.labels.filter(~positive)["subject_id"].unique().sort().head(n_negative).to_list())
+        events = open_dataset(self.data_root).events().filter(pl.col("subject_id").is_in(ids)).collect()
+        return patient_timelines_plot(
+            events, ids, title=f"Event timelines (first {n_positive} with a positive label, {n_negative} without)")
 
     def save(self, directory) -> Path:
         """Write labels, tensors and ``cohort.json`` under ``directory``, all of it at once (a rename)."""
@@ -119,7 +139,7 @@ def cohort_key(task: TaskSpec, root: Path, config: FeatureConfig) -> str:
 def cached_cohort(task, data, features=None) -> Cohort:
     """The cohort :func:`prepare_cohort` would build, from ``runs/cohorts/`` when already built."""
     from workbench.data.datasets import resolve
-    from workbench.tracking import project_home
+    from workbench.files import project_home
 
     spec = load_task(task)
     root = Path(resolve(data)).resolve()
@@ -129,6 +149,13 @@ def cached_cohort(task, data, features=None) -> Cohort:
     cohort = prepare_cohort(spec, root, features)
     cohort.save(directory)
     return cohort
+
+
+def handed_over(cohort_dir=None, upstream: dict | None = None, task=None, data=None, features=None) -> Cohort:
+    """A model step's cohort: ``cohort_dir``, else the pipeline's cohort step output, else the
+    cached cohort of ``task`` on ``data`` (a notebook run on its own)."""
+    directory = cohort_dir or upstream_cohort(upstream)
+    return load_cohort(directory) if directory else cached_cohort(task, data, features)
 
 
 def settings_markdown(task: TaskSpec, features: dict | None = None) -> str:

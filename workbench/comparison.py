@@ -8,14 +8,13 @@ precision-recall and calibration curves can share one plot.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import polars as pl
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.errors import WorkbenchError
 from workbench.files import write_text_atomic
 
@@ -48,26 +47,24 @@ class Comparison:
         return log_champion_report(self.task, self)
 
     def save(self, directory) -> None:
-        write_text_atomic(Path(directory) / "comparison.csv", self.table.write_csv())
+        write_text_atomic(Path(directory) / record.COMPARISON_FILE, self.table.write_csv())
 
     def log(self, run_id: str) -> None:
         """The table and the plots as artifacts of ``run_id`` (a pipeline's compare step)."""
         with mlflow.start_run(run_id=run_id):
-            mlflow.log_text(self.table.write_csv(), "comparison/models.csv")
+            mlflow.log_text(self.table.write_csv(), f"{record.COMPARISON_DIR}/models.csv")
             if self.verdict:
-                mlflow.log_dict(self.verdict, "comparison/sequence_vs_reference.json")
+                mlflow.log_dict(self.verdict, f"{record.COMPARISON_DIR}/sequence_vs_reference.json")
                 mlflow.log_metric("auroc_difference_sequence_vs_reference", self.verdict["value"])
-            tracking.log_figures(self.figures, "comparison")
+            tracking.log_figures(self.figures, record.COMPARISON_DIR)
 
 
 def train_run_ids(upstream: dict | None) -> tuple[list[str], dict[str, str]] | None:
     """The model runs a pipeline's train step handed over, and the kinds it skipped (with why)."""
-    from workbench.experiment import MODEL_RUN_FILE
-
-    if not upstream or not upstream.get("train"):
+    outputs = record.upstream_train(upstream)
+    if not outputs:
         return None
-    files = [Path(d) / MODEL_RUN_FILE for d in upstream["train"]]
-    runs = [json.loads(f.read_text()) for f in files if f.is_file()]
+    runs = record.read_model_runs(d for d in outputs if (Path(d) / record.MODEL_RUN_FILE).is_file())
     return [r["run_id"] for r in runs if not r.get("skipped")], {r["kind"]: r["skipped"] for r in runs if r.get("skipped")}
 
 
@@ -112,7 +109,7 @@ def sequence_vs_reference(table: pl.DataFrame, predictions: dict[str, pl.DataFra
     from workbench.evaluation import EvalConfig, paired_auroc_difference
     from workbench.experiment import SEQUENCE_KINDS
 
-    ranked = table.filter(pl.col("tuning_auroc").is_not_null()).sort("tuning_auroc", descending=True)
+    ranked = table.filter(pl.col(record.TUNING_AUROC).is_not_null()).sort(record.TUNING_AUROC, descending=True)
     sequence = ranked.filter(pl.col("model").is_in(list(SEQUENCE_KINDS)))
     references = ranked.filter(~pl.col("model").is_in(list(SEQUENCE_KINDS)))
     if sequence.height == 0 or references.height == 0:

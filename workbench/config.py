@@ -30,6 +30,20 @@ def validation_message(source: str, exc, locate=None) -> str:
     return "\n".join(lines)
 
 
+def validated(cls, data, source: str, locate=None):
+    """``cls.model_validate(data)``; a ValidationError becomes a WorkbenchError with one line per bad
+    field (:func:`validation_message`). The one place a config's validation errors are turned into
+    what a user reads."""
+    from pydantic import ValidationError
+
+    from workbench.errors import WorkbenchError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise WorkbenchError(validation_message(source, exc, locate)) from None
+
+
 def read_yaml(path, what: str):
     """The data of a YAML file; an unreadable, non-UTF-8 or invalid one is a WorkbenchError naming it."""
     from pathlib import Path
@@ -49,29 +63,26 @@ def read_yaml(path, what: str):
         raise WorkbenchError(f"{path}: not valid YAML: {exc}") from None
 
 
-def load_yaml_config(cls, path):
-    """A pydantic config from a YAML file of its fields; every problem names the file and the field."""
-    from pathlib import Path
+def load_yaml_config(cls, path, unwrap: str | None = None):
+    """A pydantic config from a YAML file of its fields; every problem names the file and the field.
 
-    from pydantic import ValidationError
+    The one loader behind every ``--config`` file. ``unwrap``: a top-level key the fields may sit under."""
+    from pathlib import Path
 
     from workbench.errors import WorkbenchError
 
     path = Path(path)
     data = read_yaml(path, f"{cls.__name__} YAML")
+    if unwrap and isinstance(data, dict) and set(data) == {unwrap}:
+        data = data[unwrap]
     if data is not None and not isinstance(data, dict):
         raise WorkbenchError(f"{path}: expected a mapping of {cls.__name__} fields, got {type(data).__name__}")
-    try:
-        return cls.model_validate(data or {})
-    except ValidationError as exc:
-        raise WorkbenchError(validation_message(str(path), exc)) from None
+    return validated(cls, data or {}, str(path))
 
 
 def split_settings(settings: dict, configs: dict) -> dict:
     """``{"units": 32, "epochs": 5}`` as validated configs by field name, e.g. ``{"model_config":
     ModelConfig(units=32), "train_config": TrainConfig(epochs=5)}``; a key no config has is an error."""
-    from pydantic import ValidationError
-
     from workbench.errors import WorkbenchError
 
     unknown = [k for k in settings if not any(k in c.model_fields for c in configs.values())]
@@ -79,13 +90,8 @@ def split_settings(settings: dict, configs: dict) -> dict:
         fields = sorted({f for c in configs.values() for f in c.model_fields})
         raise WorkbenchError(f"-p {', '.join(unknown)}: not a field of {', '.join(c.__name__ for c in configs.values())} "
                              f"(fields: {', '.join(fields)})")
-    out = {}
-    for name, cls in configs.items():
-        try:
-            out[name] = cls(**{k: v for k, v in settings.items() if k in cls.model_fields})
-        except ValidationError as exc:
-            raise WorkbenchError(validation_message(f"-p ({cls.__name__})", exc)) from None
-    return out
+    return {name: validated(cls, {k: v for k, v in settings.items() if k in cls.model_fields}, f"-p ({cls.__name__})")
+            for name, cls in configs.items()}
 
 
 #: The typed configs behind each shipped notebook's parameters (by notebook file stem): a parameter

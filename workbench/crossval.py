@@ -13,12 +13,13 @@ bootstrap over patients: discrimination, ECE, calibration slope and intercept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import polars as pl
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.errors import WorkbenchError
 from workbench.evaluation import EvalConfig, EvaluationResult, evaluate, format_with_ci
 from workbench.models import ModelConfig
@@ -150,15 +151,15 @@ def _log(result: CrossValidation, spec, root: str, config, model_config, train_c
     experiment = tracking.experiment_id(spec.name)
     for kind, evaluation in result.evaluations.items():
         frame = result.predictions[kind]
-        tags = {tracking.TASK_TAG: spec.name, "workbench.cv_model": kind, "workbench.evaluation": "cross-validation",
-                tracking.DATA_ROOT_TAG: root, "mlflow.source.git.commit": tracking.git_commit()}
+        tags = {record.TASK_TAG: spec.name, record.CV_MODEL_TAG: kind, record.EVALUATION_TAG: "cross-validation",
+                record.DATA_ROOT_TAG: root, "mlflow.source.git.commit": tracking.git_commit()}
         with mlflow.start_run(experiment_id=experiment, run_name=f"cv{result.folds} {kind}", tags=tags) as run:
             configs = {"features": config, "eval": eval_config, "train": train_config, "model": model_config or ModelConfig()}
             mlflow.log_params({f"config.{k}": v for k, v in tracking.flatten_params(configs).items()})
             mlflow.log_params({"folds": result.folds, "fold_seed": seed, "model_kind": kind})
             mlflow.log_metrics(evaluation.to_flat_dict(prefix=CV_PREFIX))
-            mlflow.log_dict(spec.model_dump(mode="json"), tracking.TASK_ARTIFACT)
-            tracking.log_frame(frame, "cross_validation/out_of_fold.parquet")
+            mlflow.log_dict(spec.model_dump(mode="json"), record.TASK_ARTIFACT)
+            tracking.log_frame(frame, record.CV_PREDICTIONS_ARTIFACT)
             curves = {kind: (frame["label"].to_numpy(), frame["risk"].to_numpy())}
             tracking.log_figures({
                 "cv_roc": roc_curve_plot(curves, title=f"{kind}: ROC, pooled out-of-fold"),
@@ -166,11 +167,11 @@ def _log(result: CrossValidation, spec, root: str, config, model_config, train_c
                                                    title=f"{kind}: calibration, pooled out-of-fold"),
                 "cv_decision_curve": decision_curve_plot(curves, title=f"{kind}: decision curve, pooled out-of-fold"),
             })
-            mlflow.log_text(evaluation.to_markdown(), "cross_validation/evaluation.md")
+            mlflow.log_text(evaluation.to_markdown(), str(Path(record.CV_PREDICTIONS_ARTIFACT).with_name("evaluation.md")))
             run_ids[kind] = run.info.run_id
     for kind, reason in skipped.items():
         with mlflow.start_run(experiment_id=experiment, run_name=f"cv{result.folds} {kind}",
-                              tags={tracking.TASK_TAG: spec.name, "workbench.cv_model": kind, tracking.SKIPPED_TAG: reason,
-                                    "workbench.evaluation": "cross-validation"}) as run:
+                              tags={record.TASK_TAG: spec.name, record.CV_MODEL_TAG: kind, record.SKIPPED_TAG: reason,
+                                    record.EVALUATION_TAG: "cross-validation"}) as run:
             run_ids[kind] = run.info.run_id
     return run_ids

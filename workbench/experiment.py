@@ -17,11 +17,10 @@ import mlflow
 import numpy as np
 import polars as pl
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.errors import WorkbenchError
 from workbench.evaluation import EvalConfig, EvaluationResult, decision_curve, evaluate, format_with_ci, threshold_table
 from workbench.features import SequenceTensors
-from workbench.files import write_text_atomic
 from workbench.calibration import Recalibration, fit_recalibration
 from workbench.models import (
     MAYO_FORMULA,
@@ -40,9 +39,6 @@ ModelKind = Literal["lstm", "gru", "rnn", "logistic", "gbt", "mayo"]
 SEQUENCE_KINDS = ("lstm", "gru", "rnn")
 TABULAR_KINDS = ("logistic", "gbt")  # references on the whole history's tabular features
 MODEL_KINDS = SEQUENCE_KINDS + TABULAR_KINDS + ("mayo",)
-HELD_OUT = "held_out_"  # prefix of every held-out metric in MLflow
-TUNING = "tuning_"  # prefix of the tuning-split metrics (no bootstrap)
-MODEL_RUN_FILE = "model_run.json"  # what a train step hands to explain and compare
 
 
 @dataclass
@@ -293,24 +289,24 @@ def run_model(
     eval_config = eval_config or EvalConfig()
     arch = architecture(kind, model_config)
     tags = {
-        tracking.TASK_TAG: task.name,
-        tracking.MODEL_TAG: kind,
-        "workbench.architecture": arch,
-        "workbench.data_fingerprint": tensors.spec.fitted_on.data_fingerprint,
-        "workbench.tensors_hash": tensors.content_hash(),
+        record.TASK_TAG: task.name,
+        record.MODEL_TAG: kind,
+        record.ARCHITECTURE_TAG: arch,
+        record.DATA_FINGERPRINT_TAG: tensors.spec.fitted_on.data_fingerprint,
+        record.TENSORS_HASH_TAG: tensors.content_hash(),
         "mlflow.source.git.commit": tracking.git_commit(),
     }
     if data_root:
-        tags[tracking.DATA_ROOT_TAG] = str(Path(data_root).resolve())
+        tags[record.DATA_ROOT_TAG] = str(Path(data_root).resolve())
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     start = {"run_id": run_id} if run_id else {"experiment_id": tracking.experiment_id(task.name), "run_name": kind}
     with mlflow.start_run(**start, tags=tags):
         active = mlflow.active_run().info.run_id
-        mlflow.log_dict(task.model_dump(mode="json"), tracking.TASK_ARTIFACT)
+        mlflow.log_dict(task.model_dump(mode="json"), record.TASK_ARTIFACT)
         reason = not_applicable(kind, tensors, task)
         if reason:
-            mlflow.set_tag(tracking.SKIPPED_TAG, reason)
+            mlflow.set_tag(record.SKIPPED_TAG, reason)
             return ModelRun(active, kind, None, None, skipped=reason)
         configs = {"features": tensors.spec.config, "eval": eval_config}
         if kind in SEQUENCE_KINDS:
@@ -332,20 +328,20 @@ def run_model(
         tuning = evaluate_tuning(fitted, tensors, eval_config)
         eval_config = eval_config.model_copy(update={"threshold": tuning.threshold})
         evaluation, risk = evaluate_held_out(fitted, tensors, eval_config)
-        mlflow.log_dict(fitted.recalibration.model_dump(mode="json"), "calibration/recalibration.json")
+        mlflow.log_dict(fitted.recalibration.model_dump(mode="json"), record.RECALIBRATION_ARTIFACT)
         mlflow.log_param("recalibration", fitted.recalibration.describe()[:500])
-        mlflow.log_metrics({f"{TUNING}{k}": v for k, v in tuning.to_flat_dict().items()})
-        mlflow.log_metrics(evaluation.to_flat_dict(prefix=HELD_OUT))
+        mlflow.log_metrics({f"{record.TUNING}{k}": v for k, v in tuning.to_flat_dict().items()})
+        mlflow.log_metrics(evaluation.to_flat_dict(prefix=record.HELD_OUT))
         if fitted.best_epoch:
             mlflow.log_metrics({"best_epoch": fitted.best_epoch, "train_seconds": fitted.seconds})
         if isinstance(fitted.reference, LogisticReference):
             mlflow.log_params({"logistic_C": fitted.reference.C, "logistic_inputs": len(fitted.reference.names)})
         if isinstance(fitted.reference, GradientBoostedReference):
             mlflow.log_params({"gbt_rounds": fitted.reference.booster.best_iteration, **{f"gbt_{k}": v for k, v in fitted.reference.params.items()}})
-        mlflow.log_text(evaluation.to_markdown(), "evaluation/held_out.md")
-        mlflow.log_text(evaluation.subgroups.write_csv(), "evaluation/subgroups.csv")
-        mlflow.log_text(evaluation.calibration.write_csv(), "evaluation/calibration.csv")
-        mlflow.log_dict(tensors.spec.model_dump(mode="json"), "feature_spec.json")
+        mlflow.log_text(evaluation.to_markdown(), f"{record.EVALUATION_DIR}/held_out.md")
+        mlflow.log_text(evaluation.subgroups.write_csv(), f"{record.EVALUATION_DIR}/subgroups.csv")
+        mlflow.log_text(evaluation.calibration.write_csv(), f"{record.EVALUATION_DIR}/calibration.csv")
+        mlflow.log_dict(tensors.spec.model_dump(mode="json"), record.FEATURE_SPEC_ARTIFACT)
         if cohort_report is not None:
             tracking.log_cohort_report(cohort_report)
         held_out = tensors.by_split("held_out")
@@ -353,12 +349,12 @@ def run_model(
         tracking.log_figures(plots)
         tune_risk = np.asarray(fitted.predict(inputs(fitted, tensors, "tuning")), dtype=np.float64)
         thresholds = threshold_table(held_out.y, risk, tuning=(tensors.by_split("tuning").y, tune_risk))
-        mlflow.log_text(thresholds.write_csv(), "evaluation/thresholds.csv")
-        mlflow.log_text(decision_curve(held_out.y, risk).write_csv(), "evaluation/decision_curve.csv")
+        mlflow.log_text(thresholds.write_csv(), f"{record.EVALUATION_DIR}/thresholds.csv")
+        mlflow.log_text(decision_curve(held_out.y, risk).write_csv(), f"{record.EVALUATION_DIR}/decision_curve.csv")
         tracking.log_frame(
             pl.DataFrame({"subject_id": held_out.subject_id, "prediction_time": held_out.prediction_time,
                           "label": held_out.y, "risk": risk}),
-            tracking.PREDICTIONS_ARTIFACT,
+            record.PREDICTIONS_ARTIFACT,
         )
         if kind == "mayo":
             mlflow.log_param("mayo_formula", MAYO_FORMULA)
@@ -372,15 +368,15 @@ def run_model(
                 "task": task.name, "model_kind": kind, "architecture": arch,
                 "data_fingerprint": tensors.spec.fitted_on.data_fingerprint, "run_id": active,
                 "recalibration": fitted.recalibration.method,
-                **{f"tuning_{m}": f"{tuning.metrics[m]['value']:.4f}" for m in ("auprc", "brier", "ece")},
-                **{f"held_out_{m}": f"{evaluation.metrics[m]['value']:.4f}" for m in ("auroc", "auprc", "brier", "ece")},
+                **{f"{record.TUNING}{m}": f"{tuning.metrics[m]['value']:.4f}" for m in ("auprc", "brier", "ece")},
+                **{f"{record.HELD_OUT}{m}": f"{evaluation.metrics[m]['value']:.4f}" for m in ("auroc", "auprc", "brier", "ece")},
             }
             registry = tracking.register_and_maybe_promote(
                 info.model_uri, task.name, tuning.metrics["auroc"]["value"],
                 description=version_description(task, kind, arch, tensors, active, tuning, evaluation), tags=version_tags,
             )
-            mlflow.set_tags({"workbench.registered_version": registry["version"],
-                             "workbench.champion": str(registry["promoted"]).lower()})
+            mlflow.set_tags({record.REGISTERED_VERSION_TAG: registry["version"],
+                             record.CHAMPION_TAG: str(registry["promoted"]).lower()})
     return ModelRun(active, kind, evaluation, risk, registry, fitted, tuning, figures=plots, thresholds=thresholds)
 
 
@@ -410,14 +406,14 @@ def score(model_uri: str, data_root, times=None) -> pl.DataFrame:
 
 def save_model_run(run: ModelRun, directory) -> None:
     """Record a model run for downstream steps (explain, compare): id, kind, tuning AUROC, registry."""
-    info = {"run_id": run.run_id, "kind": run.kind, "skipped": run.skipped, "registry": run.registry,
-            "tuning_auroc": None if run.tuning is None else run.tuning.metrics["auroc"]["value"]}
-    write_text_atomic(Path(directory) / MODEL_RUN_FILE, json.dumps(info, indent=2))
+    record.write_model_run(directory, {
+        "run_id": run.run_id, "kind": run.kind, "skipped": run.skipped, "registry": run.registry,
+        "tuning_auroc": None if run.tuning is None else run.tuning.metrics["auroc"]["value"]})
 
 
 def best_sequence_run(train_outputs) -> dict:
     """Among a sweep's train outputs, the sequence model with the best tuning AUROC (held-out stays unseen)."""
-    runs = [json.loads((Path(d) / MODEL_RUN_FILE).read_text()) for d in train_outputs]
+    runs = record.read_model_runs(train_outputs)
     sequence = [r for r in runs if r["kind"] in SEQUENCE_KINDS and not r.get("skipped")]
     if not sequence:
         raise WorkbenchError(f"no sequence model among the train outputs {list(map(str, train_outputs))}")
@@ -431,8 +427,8 @@ def model_run_tags(run_id: str) -> dict[str, str]:
         tags = mlflow.get_run(run_id).data.tags
     except mlflow.exceptions.MlflowException as exc:
         raise WorkbenchError(f"run {run_id}: not found at {mlflow.get_tracking_uri()} ({exc.message})") from None
-    if tracking.DATA_ROOT_TAG not in tags or tracking.TASK_TAG not in tags:
-        raise WorkbenchError(f"run {run_id} is not a workbench model run (no {tracking.TASK_TAG} / {tracking.DATA_ROOT_TAG} tags)")
+    if record.DATA_ROOT_TAG not in tags or record.TASK_TAG not in tags:
+        raise WorkbenchError(f"run {run_id} is not a workbench model run (no {record.TASK_TAG} / {record.DATA_ROOT_TAG} tags)")
     return tags
 
 
@@ -440,9 +436,9 @@ def task_of_run(run_id: str) -> TaskSpec:
     """The resolved task spec a model run logged (so a run can be re-read wherever its spec came from)."""
     tags = model_run_tags(run_id)
     try:
-        return load_task(json.loads(tracking.download_artifact(run_id, tracking.TASK_ARTIFACT).read_text()))
+        return load_task(json.loads(tracking.download_artifact(run_id, record.TASK_ARTIFACT).read_text()))
     except (OSError, ValueError, mlflow.exceptions.MlflowException):
-        return load_task(tags[tracking.TASK_TAG])  # a run logged before the spec was: a shipped task name
+        return load_task(tags[record.TASK_TAG])  # a run logged before the spec was: a shipped task name
 
 
 def tensors_for_run(run_id: str) -> SequenceTensors:
@@ -450,9 +446,9 @@ def tensors_for_run(run_id: str) -> SequenceTensors:
     from workbench.features import FeatureSpec, transform
     from workbench.tasks import make_labels
 
-    root = model_run_tags(run_id)[tracking.DATA_ROOT_TAG]
+    root = model_run_tags(run_id)[record.DATA_ROOT_TAG]
     try:
-        spec_path = tracking.download_artifact(run_id, "feature_spec.json")
+        spec_path = tracking.download_artifact(run_id, record.FEATURE_SPEC_ARTIFACT)
     except (OSError, mlflow.exceptions.MlflowException):
         raise WorkbenchError(f"run {run_id}: has no feature_spec.json artifact, so its tensors cannot be rebuilt "
                              "(was it logged by a workbench train step?)") from None

@@ -53,22 +53,19 @@ change in whichever space the attributions sum in.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+import numpy as np
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from typing import Literal  # noqa: E402
-
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import torch  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.errors import WorkbenchError
+from workbench.record import EXPLAIN_CHECK_TAG_PREFIX, EXPLAIN_VERDICT_TAG
 
 OutputSpace = Literal["probability", "logit"]
 
@@ -206,28 +203,6 @@ def _as_output_vector(y: torch.Tensor) -> torch.Tensor:
     raise WorkbenchError(f"explanations need one output per sequence ([N] or [N, 1]); the model returned {tuple(y.shape)}")
 
 
-def _logit_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The model's pre-sigmoid output, when its last layer is a Dense with a sigmoid.
-
-    Reading the pre-activation avoids ``log(p / (1 - p))`` on a float32 probability, which
-    saturates at 0 and 1.
-    """
-    import keras
-
-    layers = getattr(model, "layers", None)
-    if not isinstance(model, keras.Model) or not layers:
-        return None
-    last = layers[-1]
-    if not isinstance(last, keras.layers.Dense) or getattr(last.activation, "__name__", "") != "sigmoid":
-        return None
-    features = keras.Model(model.inputs, last.input)
-
-    def logit(x: torch.Tensor) -> torch.Tensor:
-        return features(x, training=False) @ last.kernel.value + last.bias.value
-
-    return logit
-
-
 def output_function(model, output_space: OutputSpace = "probability") -> Callable[[torch.Tensor], torch.Tensor]:
     """A differentiable torch function mapping [R, T, F] to outputs [R] in ``output_space``.
 
@@ -238,7 +213,11 @@ def output_function(model, output_space: OutputSpace = "probability") -> Callabl
     if output_space == "probability":
         return lambda x: _as_output_vector(call(x))
     if output_space == "logit":
-        head = _logit_head(model)
+        # The model's own pre-sigmoid output when it has one (a logit of the float32
+        # probability saturates at 0 and 1).
+        from workbench.models import logit_function
+
+        head = logit_function(model)
         if head is not None:
             return lambda x: _as_output_vector(head(x))
         return lambda x: torch.logit(_as_output_vector(call(x)), eps=_LOGIT_EPS)
@@ -305,65 +284,27 @@ class _RecurrentPrefix:
     The recurrent state after the padded prefix is computed once per sequence and every path
     point starts from it, so the recurrent kernels run only over the real steps (on the
     benchmark's data 62% of the steps): the same arithmetic as the whole model, minus the
-    repeated prefix. Used only when the model is exactly such a chain and reproduces the
-    model's outputs (checked on probe rows when built).
+    repeated prefix. Used only when :func:`workbench.models.split_sequence_model` splits the
+    model and the split reproduces the model's outputs (checked on probe rows when built).
     """
 
-    def __init__(self, modules: list[torch.nn.Module], dense: list, output_space: OutputSpace):
-        self.modules, self.dense, self.output_space = modules, dense, output_space
+    def __init__(self, parts, output_space: OutputSpace):
+        self.parts, self.output_space = parts, output_space  # parts: workbench.models.SequenceModelParts
 
     def prefix_state(self, prefix: torch.Tensor):
         if prefix.shape[1] == 0:
             return None
-        states, h = [], prefix
-        for module in self.modules:
-            h, state = module(h)
-            states.append(state)
+        _, states = self.parts.run_recurrence(prefix)
         return states
 
-    @staticmethod
-    def select(state, rows: torch.Tensor):
-        if state is None:
-            return None
-        # Recurrent states are [layers * directions, m, units] (LSTM: a pair of them).
-        return [tuple(t[:, rows] for t in s) if isinstance(s, tuple) else s[:, rows] for s in state]
+    def select(self, state, rows: torch.Tensor):
+        return None if state is None else self.parts.select_states(state, rows)
 
     def __call__(self, suffix: torch.Tensor, state) -> torch.Tensor:
-        h = suffix
-        for i, module in enumerate(self.modules):
-            h, _ = module(h, None if state is None else state[i])
-        h = h[:, -1]  # last step's output = final hidden state of a unidirectional layer
-        for layer in self.dense[:-1]:
-            h = layer(h)
-        last = self.dense[-1]
-        logit = h @ last.kernel.value + last.bias.value
+        features, _ = self.parts.run_recurrence(suffix, state)
         if self.output_space == "logit":
-            return _as_output_vector(logit)
-        return _as_output_vector(last.activation(logit))
-
-
-def _recurrent_chain(model) -> tuple[list[torch.nn.Module], list] | None:
-    """(torch recurrent modules, Dense layers) when model is Input -> FusedRecurrent* -> Dense* -> Dense(sigmoid)."""
-    import keras
-
-    from workbench.models import FusedRecurrent
-
-    if not isinstance(model, keras.Model) or len(getattr(model, "inputs", None) or []) != 1 or len(model.outputs) != 1:
-        return None
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    n_rec = next((i for i, layer in enumerate(layers) if not isinstance(layer, FusedRecurrent)), len(layers))
-    recurrent, dense = layers[:n_rec], layers[n_rec:]
-    if not recurrent or not dense or not all(isinstance(layer, keras.layers.Dense) for layer in dense):
-        return None
-    if any(r.bidirectional or r.return_sequences != (i < len(recurrent) - 1) for i, r in enumerate(recurrent)):
-        return None
-    if getattr(dense[-1].activation, "__name__", "") != "sigmoid":
-        return None
-    # A plain chain: each layer reads exactly the previous layer's output.
-    chain = [model.inputs[0]] + [layer.output for layer in layers]
-    if any(layer.input is not chain[i] for i, layer in enumerate(layers)) or model.outputs[0] is not chain[-1]:
-        return None
-    return [r.torch_rnn.module for r in recurrent], dense
+            return _as_output_vector(self.parts.head_logit(features))
+        return _as_output_vector(self.parts.head_risk(features))
 
 
 def prefix_runner(model, fn: Callable[[torch.Tensor], torch.Tensor], output_space: OutputSpace, probe: np.ndarray):
@@ -372,10 +313,12 @@ def prefix_runner(model, fn: Callable[[torch.Tensor], torch.Tensor], output_spac
     ``probe`` [P, T, F] rows check the recurrent shortcut against ``fn`` (split mid-sequence);
     a model it does not reproduce to 1e-5 gets the generic runner.
     """
-    chain = _recurrent_chain(model)
-    if chain is None:
+    from workbench.models import split_sequence_model
+
+    parts = split_sequence_model(model)
+    if parts is None:
         return _ConcatPrefix(fn)
-    runner = _RecurrentPrefix(*chain, output_space)
+    runner = _RecurrentPrefix(parts, output_space)
     x = torch.from_numpy(np.ascontiguousarray(probe, dtype=np.float32))
     split = x.shape[1] // 2
     with torch.no_grad():
@@ -1021,8 +964,8 @@ def check_explanation(
 # Verdicts: each check against its threshold
 # --------------------------------------------------------------------------------------
 
-VERDICT_TAG = "workbench.explain.verdict"
-CHECK_TAG_PREFIX = "workbench.explain.check."
+VERDICT_TAG = EXPLAIN_VERDICT_TAG  # declared once in workbench.record
+CHECK_TAG_PREFIX = EXPLAIN_CHECK_TAG_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,9 @@ import mlflow
 import numpy as np
 import polars as pl
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.errors import WorkbenchError
-from workbench.experiment import SEQUENCE_KINDS, best_sequence_run, model_run_tags
+from workbench.experiment import SEQUENCE_KINDS, best_sequence_run, model_run_tags, tensors_for_run
 from workbench.features import SequenceTensors
 from workbench.files import write_parquet_atomic
 
@@ -24,7 +24,7 @@ from workbench.files import write_parquet_atomic
 def check_explainable(run_id: str) -> str:
     """The model kind of ``run_id``, a sequence model run; otherwise a WorkbenchError that says why
     (no such run, not a workbench model run, or a model without time steps to explain)."""
-    kind = model_run_tags(run_id).get(tracking.MODEL_TAG)
+    kind = model_run_tags(run_id).get(record.MODEL_TAG)
     if kind not in SEQUENCE_KINDS:
         raise WorkbenchError(f"run {run_id} is a {kind or 'unknown'!r} model run: SHAP per time step needs a sequence "
                              f"model run ({', '.join(SEQUENCE_KINDS)}); a {kind or 'non-sequence'} model has no "
@@ -36,10 +36,10 @@ def sequence_network(run_id: str):
     """The Keras network a sequence model run logged (inside its pyfunc), for SHAP, and which output
     SHAP then explains: the calibrated risk the model reports (a Platt map is folded into the
     network's last layer), or, with an isotonic map, the network's risk before that map."""
-    from workbench.serving import KerasPredictor, MODEL_PATH, load_risk_model
+    from workbench.serving import KerasPredictor, load_risk_model
 
     check_explainable(run_id)
-    model = load_risk_model(f"runs:/{run_id}/{MODEL_PATH}")
+    model = load_risk_model(f"runs:/{run_id}/{record.MODEL_PATH}")
     if not isinstance(model.predictor, KerasPredictor):
         raise WorkbenchError(f"run {run_id}: its model holds no Keras network")
     recal = model.recalibration
@@ -81,8 +81,8 @@ class ExplanationRun:
 
     def save(self, directory) -> None:
         """The long explanations table and the verdicts, for downstream steps."""
-        write_parquet_atomic(self.frame, Path(directory) / "explanations.parquet")
-        write_parquet_atomic(self.verdicts, Path(directory) / "checks.parquet")
+        write_parquet_atomic(self.frame, Path(directory) / record.EXPLANATIONS_FILE)
+        write_parquet_atomic(self.verdicts, Path(directory) / record.CHECKS_FILE)
 
 
 def global_summaries(frame: pl.DataFrame, n_steps: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -128,12 +128,13 @@ def explain_samples(tensors: SequenceTensors, split: str = "held_out", subjects=
     return rows[:max_samples] if max_samples else rows
 
 
-def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=None, max_samples: int | None = None,
+def explain_run(run_id: str, tensors: SequenceTensors | None = None, config=None, subjects=None, max_samples: int | None = None,
                 n_patients: int = 3) -> ExplanationRun:
     """Explain a logged model on held-out samples and log explanations, checks and plots to its run.
 
     The model is loaded back from the run (what was logged is what is explained); the
-    background comes from the train split only.
+    background comes from the train split only. ``tensors`` default to the run's own, rebuilt
+    from its task and dataset with its saved FeatureSpec.
     """
     from workbench.explain import (
         ExplainConfig,
@@ -147,6 +148,7 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
 
     config = config or ExplainConfig()
     model, explained_output = sequence_network(run_id)
+    tensors = tensors if tensors is not None else tensors_for_run(run_id)
     train_split = tensors.by_split("train")
     background = select_background(train_split.X, train_split.observed, config.n_background, config.seed,
                                    config.background_selection)
@@ -170,13 +172,13 @@ def explain_run(run_id: str, tensors: SequenceTensors, config=None, subjects=Non
     verdicts = check_verdicts(checks, config)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"explain_{k}": float(v) for k, v in checks.items()})
-        mlflow.set_tags({**verdict_tags(verdicts), "workbench.explain.output": explained_output[:250]})
-        mlflow.log_text(verdicts.write_csv(), "explanations/checks.csv")
+        mlflow.set_tags({**verdict_tags(verdicts), record.EXPLAIN_OUTPUT_TAG: explained_output[:250]})
+        mlflow.log_text(verdicts.write_csv(), f"{record.EXPLANATIONS_DIR}/checks.csv")
         # An artifact, not params: a model may be explained again with other settings (params are write-once).
-        mlflow.log_dict(config.model_dump(mode="json"), "explanations/config.json")
-        tracking.log_frame(frame, "explanations/explanations.parquet")
-        mlflow.log_text(by_step.write_csv(), "explanations/by_step.csv")
-        mlflow.log_text(by_feature.write_csv(), "explanations/by_feature.csv")
+        mlflow.log_dict(config.model_dump(mode="json"), f"{record.EXPLANATIONS_DIR}/config.json")
+        tracking.log_frame(frame, f"{record.EXPLANATIONS_DIR}/{record.EXPLANATIONS_FILE}")
+        mlflow.log_text(by_step.write_csv(), f"{record.EXPLANATIONS_DIR}/by_step.csv")
+        mlflow.log_text(by_feature.write_csv(), f"{record.EXPLANATIONS_DIR}/by_feature.csv")
         tracking.log_figures(figs)
     return ExplanationRun(run_id, frame, by_step, by_feature, checks, verdicts, figs, explained_output)
 
@@ -190,8 +192,8 @@ def choose_run_to_explain(run_id: str | None, upstream: dict | None, task: str) 
     if run_id:
         check_explainable(run_id)  # before any tensors are rebuilt for it
         return run_id
-    if upstream and upstream.get("train"):
-        return best_sequence_run(upstream["train"])["run_id"]
+    if record.upstream_train(upstream):
+        return best_sequence_run(record.upstream_train(upstream))["run_id"]
     from mlflow.tracking import MlflowClient
 
     from workbench.tasks import task_name

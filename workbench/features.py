@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from workbench.data.meds_io import SPLITS_FILE, EventFrame, MedsDataset, open_dataset
 from workbench.config import check_regexes
 from workbench.errors import WorkbenchError
-from workbench.config import read_yaml, validation_message
+from workbench.config import load_yaml_config, validated, validation_message
 from workbench.files import replace_directory, temporary_directory_for, write_text_atomic
 
 Agg = Literal["last", "mean", "min", "max"]
@@ -159,21 +159,12 @@ class FeatureConfig(BaseModel):
     @classmethod
     def from_dict(cls, data: dict | None, source: str = "feature config") -> "FeatureConfig":
         """Validate a mapping; errors become a WorkbenchError naming each bad field."""
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as exc:
-            raise WorkbenchError(validation_message(source, exc)) from None
+        return validated(cls, data or {}, source)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "FeatureConfig":
         """Load from a YAML file (a mapping of field names; a top-level ``features:`` key is accepted)."""
-        path = Path(path)
-        data = read_yaml(path, "feature config")
-        if isinstance(data, dict) and set(data) == {"features"}:
-            data = data["features"]
-        if data is not None and not isinstance(data, dict):
-            raise WorkbenchError(f"{path}: expected a mapping of feature config fields, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return load_yaml_config(cls, path, unwrap="features")
 
 
 # ----------------------------------------------------------------------------------------- spec

@@ -67,7 +67,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _write_via_temporary(path: str | os.PathLike, write) -> Path:
+def write_atomic(path: str | os.PathLike, write) -> Path:
     """``write(tmp)`` into a temporary sibling of ``path``, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +109,12 @@ def check_output(out: str | os.PathLike, option: str, inputs=(), folder_marker: 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary sibling and a rename."""
-    return _write_via_temporary(path, lambda tmp: tmp.write_text(text))
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_parquet_atomic(df, path: str | os.PathLike) -> Path:
     """Write a polars frame as parquet via a temporary sibling and a rename."""
-    return _write_via_temporary(path, df.write_parquet)
+    return write_atomic(path, df.write_parquet)
 
 
 def temporary_directory_for(target: str | os.PathLike) -> Path:

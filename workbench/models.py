@@ -13,6 +13,11 @@ steps are zeros and come first, so the network learns to pass over them, and a m
 take cuDNN away on GPU. The fused kernels cannot apply recurrent dropout; a config asking
 for it gets Keras's own layer (correct, slower).
 
+:func:`split_sequence_model` splits such a model into its recurrent layers and its Dense head,
+each runnable alone (the recurrence from a saved state, the head on features, to its logit or
+its risk), and :func:`logit_function` reads a model's pre-sigmoid output: what
+:mod:`workbench.explain` needs, without reaching into the layers.
+
 References every comparison shows: :class:`LogisticReference` (the strong logistic regression on
 the whole history's tabular features), :class:`GradientBoostedReference` (LightGBM on windowed
 aggregates, as MEDS-Tab) and :func:`mayo_pbc_score` (the published Mayo PBC risk score).
@@ -20,20 +25,18 @@ aggregates, as MEDS-Tab) and :func:`mayo_pbc_score` (the published Mayo PBC risk
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Literal
 
-# The project pins the torch backend (SHAP's GradientExplainer needs a torch module);
-# it must be chosen before keras is first imported.
-os.environ.setdefault("KERAS_BACKEND", "torch")
+# Keras reads KERAS_BACKEND at its first import; workbench/__init__.py (which runs before this
+# module) sets it to workbench.KERAS_BACKEND, torch.
+import keras
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from typing import Literal  # noqa: E402
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
-
-from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.errors import WorkbenchError
 
 RecurrentKind = Literal["lstm", "gru", "rnn"]
 
@@ -131,6 +134,16 @@ class FusedRecurrent(keras.layers.Layer):
                 kernel = init((param.shape[1], gates * self.units))
                 param.copy_(torch.as_tensor(keras.ops.convert_to_numpy(kernel)).T)
 
+    def torch_module(self) -> torch.nn.Module:
+        """The ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` this layer runs (``batch_first``; built layers only).
+
+        Its parameters are this layer's weights, so calling it, optionally from an initial
+        state, computes what the layer computes outside training (no dropout).
+        """
+        if not self.built:
+            raise WorkbenchError(f"FusedRecurrent {self.name!r} has no torch module before it is built")
+        return self.torch_rnn.module
+
     def call(self, inputs, training=None):
         if training and self.dropout > 0:
             n, _, f = inputs.shape
@@ -208,6 +221,110 @@ def build_model(config: ModelConfig, n_steps: int, n_features: int, seed: int = 
         loss=keras.losses.BinaryCrossentropy(),
     )
     return model
+
+
+def dense_logit(layer: keras.layers.Dense, features: torch.Tensor) -> torch.Tensor:
+    """A Dense layer's pre-activation ``features @ kernel + bias`` [N, units] (torch backend)."""
+    logit = features @ layer.kernel.value
+    return logit if layer.bias is None else logit + layer.bias.value
+
+
+def _is_sigmoid_dense(layer) -> bool:
+    return isinstance(layer, keras.layers.Dense) and getattr(layer.activation, "__name__", "") == "sigmoid"
+
+
+def logit_function(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The model's pre-sigmoid output [N, units] as a differentiable torch function of its input,
+    when ``model`` is a Keras model whose last layer is a Dense with a sigmoid; else None.
+
+    Reading the pre-activation avoids ``log(p / (1 - p))`` on a float32 probability, which
+    saturates at 0 and 1.
+    """
+    layers = getattr(model, "layers", None)
+    if not isinstance(model, keras.Model) or not layers or not _is_sigmoid_dense(layers[-1]):
+        return None
+    last = layers[-1]
+    features = keras.Model(model.inputs, last.input)
+
+    def logit(x: torch.Tensor) -> torch.Tensor:
+        return dense_logit(last, features(x, training=False))
+
+    return logit
+
+
+# The final state of one recurrent layer, as torch returns it: h_n [directions, N, units], or
+# (h_n, c_n) for an LSTM.
+RecurrentState = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceModelParts:
+    """A built sequence model split into its recurrent layers and its Dense head, each runnable alone.
+
+    The model is ``Input -> FusedRecurrent* -> Dense* -> Dense(sigmoid)``, a plain chain of
+    unidirectional layers (see :func:`split_sequence_model`). Running :meth:`run_recurrence`
+    then :meth:`head_risk` computes the model's risk (outside training); the recurrence can
+    also start from the states a previous call returned, e.g. after a shared prefix of steps.
+    """
+
+    recurrent: tuple[FusedRecurrent, ...]
+    head: tuple[keras.layers.Dense, ...]  # the last one has a sigmoid
+
+    def run_recurrence(
+        self, x: torch.Tensor, states: Sequence[RecurrentState | None] | None = None
+    ) -> tuple[torch.Tensor, list[RecurrentState]]:
+        """Run the recurrent layers over ``x`` [N, S, F] (S >= 1), layer i starting from ``states[i]``.
+
+        ``states`` None (or a None entry) starts from the zero state. Returns the last layer's
+        output at the last step [N, units] (the features the head reads) and every layer's
+        final state, to continue from.
+        """
+        h, final = x, []
+        for i, layer in enumerate(self.recurrent):
+            h, state = layer.torch_module()(h, None if states is None else states[i])
+            final.append(state)
+        return h[:, -1], final  # last step's output = final hidden state of a unidirectional layer
+
+    @staticmethod
+    def select_states(states: Sequence[RecurrentState], rows: torch.Tensor) -> list[RecurrentState]:
+        """The states of the sequences ``rows`` (indices into the N of :meth:`run_recurrence`)."""
+        # torch's states are [layers * directions, N, units] (LSTM: a pair of them).
+        return [tuple(t[:, rows] for t in s) if isinstance(s, tuple) else s[:, rows] for s in states]
+
+    def head_logit(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's pre-sigmoid output [N, 1] on recurrent features [N, units]."""
+        h = features
+        for layer in self.head[:-1]:
+            h = layer(h)
+        return dense_logit(self.head[-1], h)
+
+    def head_risk(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's risk [N, 1] (the sigmoid of :meth:`head_logit`) on recurrent features [N, units]."""
+        return self.head[-1].activation(self.head_logit(features))
+
+
+def split_sequence_model(model) -> SequenceModelParts | None:
+    """The recurrent layers and Dense head of ``model``, or None unless it is exactly
+    ``Input -> FusedRecurrent* -> Dense* -> Dense(sigmoid)``: one input and output, each layer
+    reading the previous one's output, no bidirectional layer, every recurrent layer but the
+    last returning sequences (what :func:`build_model` builds without recurrent dropout).
+    """
+    if not isinstance(model, keras.Model) or len(getattr(model, "inputs", None) or []) != 1 or len(model.outputs) != 1:
+        return None
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    n_rec = next((i for i, layer in enumerate(layers) if not isinstance(layer, FusedRecurrent)), len(layers))
+    recurrent, head = layers[:n_rec], layers[n_rec:]
+    if not recurrent or not head or not all(isinstance(layer, keras.layers.Dense) for layer in head):
+        return None
+    if any(r.bidirectional or r.return_sequences != (i < len(recurrent) - 1) for i, r in enumerate(recurrent)):
+        return None
+    if not _is_sigmoid_dense(head[-1]):
+        return None
+    # A plain chain: each layer reads exactly the previous layer's output.
+    chain = [model.inputs[0]] + [layer.output for layer in layers]
+    if any(layer.input is not chain[i] for i, layer in enumerate(layers)) or model.outputs[0] is not chain[-1]:
+        return None
+    return SequenceModelParts(tuple(recurrent), tuple(head))
 
 
 def fold_platt(model: keras.Model, a: float, b: float) -> None:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.errors import WorkbenchError
 from workbench.features import TENSORS_FILE, SequenceTensors
 
@@ -37,8 +37,8 @@ PSI_DRIFT = 0.25
 class MetricKeys:
     """MLflow metric keys the notebooks log (see workbench/experiment.py and tasks.CohortReport)."""
 
-    auroc: str = "held_out_auroc"
-    ece: str = "held_out_ece"
+    auroc: str = record.HELD_OUT_AUROC
+    ece: str = record.HELD_OUT_ECE
     n_labels: str = "cohort_labels"
     prevalence: str = "cohort_prevalence"
 
@@ -111,9 +111,9 @@ def executions(client, parent_run_id: str) -> list[dict]:
     from workbench.pipelines import runs_root
 
     tags = client.get_run(parent_run_id).data.tags
-    if "workbench.pipeline" not in tags or "workbench.pipeline_run_id" not in tags:
-        raise WorkbenchError(f"MLflow run {parent_run_id} is not a pipeline run (no workbench.pipeline tags)")
-    manifest = runs_root(tags["workbench.pipeline"]) / tags["workbench.pipeline_run_id"] / "run.json"
+    if record.PIPELINE_TAG not in tags or record.PIPELINE_RUN_TAG not in tags:
+        raise WorkbenchError(f"MLflow run {parent_run_id} is not a pipeline run (no {record.PIPELINE_TAG} tags)")
+    manifest = runs_root(tags[record.PIPELINE_TAG]) / tags[record.PIPELINE_RUN_TAG] / record.MANIFEST_FILE
     try:
         return [e for e in json.loads(manifest.read_text())["executions"] if e["status"] != "failed"]
     except (OSError, ValueError, KeyError) as exc:
@@ -141,12 +141,12 @@ def find_tensors(client, parent_run_id: str) -> Optional[Path]:
 def previous_run(client, parent_run_id: str) -> Optional[str]:
     """The latest FINISHED run of the same pipeline that started before this one."""
     run = client.get_run(parent_run_id)
-    pipeline = run.data.tags.get("workbench.pipeline")
+    pipeline = run.data.tags.get(record.PIPELINE_TAG)
     if pipeline is None:
-        raise WorkbenchError(f"MLflow run {parent_run_id} is not a pipeline run (no workbench.pipeline tag)")
+        raise WorkbenchError(f"MLflow run {parent_run_id} is not a pipeline run (no {record.PIPELINE_TAG} tag)")
     found = client.search_runs(
         [run.info.experiment_id],
-        f"tags.`workbench.pipeline` = '{pipeline}' and tags.`workbench.pipeline_yaml` IS NOT NULL "
+        f"tags.`{record.PIPELINE_TAG}` = '{pipeline}' and tags.`{record.PIPELINE_YAML_TAG}` IS NOT NULL "
         f"and attributes.status = 'FINISHED' and attributes.start_time < {run.info.start_time}",
         order_by=["attributes.start_time DESC"], max_results=1,
     )
@@ -196,7 +196,7 @@ def log_comparison(current_parent_run_id: str, previous_parent_run_id: str, metr
     batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items() if np.isfinite(v)]
     for start in range(0, len(batch), 1000):
         client.log_batch(current_parent_run_id, metrics=batch[start : start + 1000])
-    client.set_tag(current_parent_run_id, "workbench.monitor.previous_run_id", previous_parent_run_id)
+    client.set_tag(current_parent_run_id, record.MONITOR_PREVIOUS_TAG, previous_parent_run_id)
 
 
 def monitor_rerun(current_parent_run_id: str, keys: MetricKeys = MetricKeys(), bins: int = 10) -> dict:

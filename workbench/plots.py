@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -388,25 +385,6 @@ def training_curves_plot(
         ax.axvline(best, ls="--", color="black", lw=1, label=f"Best epoch {best} ({monitor})")
         _style(ax, "Loss" if ylabel == "Loss" else "Tuning metrics", "Epoch", ylabel)
     return fig
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
-    """Write ``fig`` as PNG atomically (temporary file in the same folder, then rename).
-
-    A reader (MLflow artifact upload, a report build) never sees a half-written image, and
-    an interrupted save leaves any previous file intact.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}-", suffix=".png")
-    os.close(handle)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def patient_timelines_plot(events, subject_ids: Sequence[int], max_codes: int = 12, title: str = "Event timelines") -> Figure:

@@ -32,11 +32,8 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Optional
 
 from workbench import tracking
+from workbench.record import ERROR_TAG, KILLED_TAG, OWNER_TAG, PIPELINE_YAML_TAG
 
-OWNER_TAG = "workbench.owner"
-KILLED_TAG = "workbench.killed"
-ERROR_TAG = "workbench.error"
-PARENT_TAG = "workbench.pipeline_yaml"  # only parent runs carry it
 LOCK_FILE = ".owner.lock"
 PARTIAL_SUFFIX = ".partial.ipynb"
 KILLED_SUFFIX = ".killed.ipynb"
@@ -273,7 +270,7 @@ def reconcile(found_by: str, tags: Optional[dict[str, str]] = None, client=None)
     killed: list[KilledRun] = []
     when = _now()
     # Steps before their parent: the parent's tag can then name the step that was running.
-    for run in sorted(candidates, key=lambda r: PARENT_TAG in r.data.tags):
+    for run in sorted(candidates, key=lambda r: PIPELINE_YAML_TAG in r.data.tags):  # only parents carry it
         info = parse_owner(run.data.tags.get(OWNER_TAG))
         if info is None:
             continue
@@ -287,7 +284,7 @@ def reconcile(found_by: str, tags: Optional[dict[str, str]] = None, client=None)
         # so a run that finished since the search is FINISHED by now and left as it is.
         if client.get_run(run.info.run_id).info.status != "RUNNING":
             continue
-        parent = PARENT_TAG in run.data.tags
+        parent = PIPELINE_YAML_TAG in run.data.tags
         message = f"{reason}; found by {found_by} at {when}"
         if parent:
             steps = [k.name for k in killed if not k.parent and k.run_dir == Path(lock).parent]

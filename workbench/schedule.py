@@ -43,11 +43,9 @@ from typing import Any, Iterator, Optional
 from workbench import runs, tracking
 from workbench.errors import WorkbenchError
 from workbench.files import write_text_atomic
+from workbench.record import PIPELINE_YAML_TAG, SCHEDULE_ENTRY_TAG, SCHEDULE_TAG
 
 log = logging.getLogger(__name__)
-
-SCHEDULE_TAG = "workbench.schedule"  # on every MLflow run a scheduled run creates: the schedule's name
-ENTRY_TAG = "workbench.schedule_entry"  # ... and the id of its history entry
 
 JOB_FUNC = "workbench.schedule:run_scheduled"  # a textual reference: the job store pickles it as text
 WEEKDAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]  # crontab numbering: 0 (and 7) is Sunday
@@ -354,7 +352,7 @@ def _run_child(entry_id: int, pipeline: str, overrides: dict[str, Any], force: b
 
 def run_tags(schedule: str, entry_id: int) -> dict[str, str]:
     """The tags of the MLflow runs one trigger of a schedule creates."""
-    return {SCHEDULE_TAG: schedule, ENTRY_TAG: str(entry_id)}
+    return {SCHEDULE_TAG: schedule, SCHEDULE_ENTRY_TAG: str(entry_id)}
 
 
 def settle(entry_id: int, returncode: Optional[int] = None) -> str:
@@ -395,7 +393,8 @@ def mark_killed_runs(entry: HistoryEntry, how: str = "") -> Optional[tuple[str, 
     exp = client.get_experiment_by_name(entry.experiment or entry.pipeline)
     if exp is None:
         return None
-    where = " and ".join([f"tags.`{runs.PARENT_TAG}` IS NOT NULL", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    # Only parent runs carry the pipeline YAML tag.
+    where = " and ".join([f"tags.`{PIPELINE_YAML_TAG}` IS NOT NULL", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
     parents = client.search_runs([exp.experiment_id], where, max_results=1, order_by=["attributes.start_time DESC"])
     return (parents[0].info.run_id, exp.experiment_id) if parents else None
 

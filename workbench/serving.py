@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from workbench import record
 from workbench.errors import WorkbenchError
 
 #: The artifact path of every run's model.
-MODEL_PATH = "model"
 #: Columns of a scoring request; subject_id and code are required.
 REQUEST_COLUMNS = {
     "subject_id": pl.Int64,
@@ -277,10 +277,10 @@ def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, meta
     package = Path(workbench.__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="workbench-model-") as tmp:
         directory = Path(tmp)
-        artifacts = {"feature_spec": str(spec.save(directory / "feature_spec.json"))}
+        artifacts = {"feature_spec": str(spec.save(directory / record.FEATURE_SPEC_ARTIFACT))}
         artifacts |= save_predictor(fitted, directory)
         return mlflow.pyfunc.log_model(
-            name=MODEL_PATH,
+            name=record.MODEL_PATH,
             python_model=str(package / "pyfunc_model.py"),
             model_config={"kind": kind, "options": dict(options or {}),
                           "task": None if task is None else task.model_dump(mode="json")},
@@ -289,7 +289,7 @@ def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, meta
             signature=signature(),
             input_example=example_request(spec),
             pip_requirements=requirements(),
-            metadata={"keras_backend": "torch", "workbench_version": workbench.__version__, **(metadata or {})},
+            metadata={"keras_backend": workbench.KERAS_BACKEND, "workbench_version": workbench.__version__, **(metadata or {})},
         )
 
 

@@ -36,10 +36,10 @@ from typing import Literal
 import meds
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workbench.data.meds_io import MedsDataset, open_dataset
-from workbench.config import check_regexes, read_yaml, validation_message
+from workbench.config import check_regexes, read_yaml, validated
 from workbench.errors import WorkbenchError
 from workbench.files import write_parquet_atomic
 from workbench.labels import LABEL_SCHEMA, check_labels_in_data, read_labels
@@ -229,18 +229,11 @@ class TaskSpec(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _invalid_task(source: str, exc: ValidationError) -> str:
-    return validation_message(f"{source}: invalid task spec", exc)
-
-
 def task_from_dict(data: dict, source: str = "task spec", base_dir: Path | None = None) -> TaskSpec:
     """Validate a dict as a :class:`TaskSpec`; relative ``labels_path`` resolves against ``base_dir``."""
     if not isinstance(data, dict):
         raise WorkbenchError(f"{source}: expected a mapping of task fields, got {type(data).__name__}")
-    try:
-        spec = TaskSpec.model_validate(data)
-    except ValidationError as exc:
-        raise WorkbenchError(_invalid_task(source, exc)) from None
+    spec = validated(TaskSpec, data, f"{source}: invalid task spec")
     path = spec.prediction_times.labels_path
     if path and base_dir is not None and not Path(path).is_absolute():
         spec.prediction_times.labels_path = str((base_dir / path).resolve())

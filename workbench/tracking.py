@@ -24,17 +24,20 @@ from mlflow.tracking import MlflowClient
 
 from workbench.errors import WorkbenchError
 from workbench.files import project_home  # noqa: F401  (tracking.project_home: where mlruns/ and runs/ live)
+from workbench.record import (
+    AUROC_TAG,
+    CHAMPION,
+    COHORT_REPORT_ARTIFACT,
+    COHORT_REPORT_MARKDOWN,
+    HELD_OUT,
+    HELD_OUT_AUROC,
+    MODEL_TAG,
+    PLOTS_DIR,
+    PREDICTIONS_ARTIFACT,
+    TASK_ARTIFACT,
+    TUNING_AUROC,
+)
 
-CHAMPION = "champion"
-AUROC_TAG = "tuning_auroc"  # registered version tag: the tuning-split AUROC the champion rule compares
-HELD_OUT_AUROC = "held_out_auroc"  # metric of every evaluated model run (reported, never used to choose)
-# The record of a model run (tags and artifact paths other modules read back).
-TASK_TAG = "workbench.task"
-MODEL_TAG = "workbench.model"
-DATA_ROOT_TAG = "workbench.data_root"
-SKIPPED_TAG = "workbench.skipped"
-TASK_ARTIFACT = "task/spec.json"
-PREDICTIONS_ARTIFACT = "predictions/held_out.parquet"
 
 
 def store_description() -> str:
@@ -116,7 +119,7 @@ def flatten_params(configs: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
-def log_figures(figures: dict[str, Any], folder: str = "plots") -> None:
+def log_figures(figures: dict[str, Any], folder: str = PLOTS_DIR) -> None:
     """Log matplotlib figures as PNG artifacts under ``folder/``."""
     for name, fig in figures.items():
         mlflow.log_figure(fig, f"{folder}/{name}.png")
@@ -233,8 +236,8 @@ def log_data_input(dataset_root: str | os.PathLike, fingerprint: str, task: str)
 def log_cohort_report(report) -> None:
     """The cohort report (counts per rule and split) into the active run: metrics and artifacts."""
     mlflow.log_metrics(report.to_metrics())
-    mlflow.log_dict(report.to_dict(), "cohort/report.json")
-    mlflow.log_text(report.to_markdown(), "cohort/report.md")
+    mlflow.log_dict(report.to_dict(), COHORT_REPORT_ARTIFACT)
+    mlflow.log_text(report.to_markdown(), COHORT_REPORT_MARKDOWN)
 
 
 def log_cohort(run_id: str, cohort) -> None:
@@ -279,10 +282,10 @@ def runs_table(experiment: str, parent_run_id: str | None = None, run_ids=None, 
             continue
         seen.add(model)
         row = {"run_id": run.info.run_id, "model": model, "started": run.info.start_time,
-               "tuning_auroc": run.data.metrics.get(AUROC_TAG)}
+               "tuning_auroc": run.data.metrics.get(TUNING_AUROC)}
         for m in metrics:
             for suffix in ("", "_ci_low", "_ci_high"):
-                row[f"{m}{suffix}"] = run.data.metrics.get(f"held_out_{m}{suffix}")
+                row[f"{m}{suffix}"] = run.data.metrics.get(f"{HELD_OUT}{m}{suffix}")
         rows.append(row)
     schema = {"run_id": pl.String, "model": pl.String, "started": pl.Int64, "tuning_auroc": pl.Float64,
               **{f"{m}{s}": pl.Float64 for m in metrics for s in ("", "_ci_low", "_ci_high")}}

@@ -12,13 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import keras  # its backend is torch: workbench/__init__.py, run before this module, chose it
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import WorkbenchError
-from workbench.models import ModelConfig, build_model  # first: it selects the torch backend
-
-import keras  # noqa: E402  (after workbench.models, which sets KERAS_BACKEND)
+from workbench.models import ModelConfig, build_model
 
 EpochHook = Callable[[int, dict], None]
 

@@ -17,17 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from workbench import tracking
+from workbench import record, tracking
 from workbench.errors import WorkbenchError
 
 DEFAULT_HOST = "127.0.0.1"
 MLFLOW_PORT = 5000
 LAB_PORT = 8888
-#: Held-out metrics (``workbench.experiment`` logs them with this prefix) shown as columns
-#: of the runs table; the first one orders the runs, best first.
-VIEW_METRICS = (
-    "held_out_auroc", "held_out_auroc_ci_low", "held_out_auroc_ci_high", "held_out_auprc", "held_out_brier",
-)
+#: Held-out metrics shown as columns of the runs table; the first one orders the runs, best first.
+VIEW_METRICS = tuple(record.HELD_OUT + m for m in ("auroc", "auroc_ci_low", "auroc_ci_high", "auprc", "brier"))
 VIEW_KEY = "workbench"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"  # read by the MLflow UI for ?viewStateShareKey=
 

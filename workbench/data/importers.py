@@ -32,11 +32,10 @@ from typing import Any, Literal
 import numpy as np
 import meds
 import polars as pl
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workbench.data.meds_io import SPLIT_NAMES, MedsDataset, write_dataset
-from workbench.config import validation_message
+from workbench.config import load_yaml_config, validated
 from workbench.errors import SourceTableError, WorkbenchError
 
 #: Name of the 1-based data-row number column carried through parsing for error messages.
@@ -250,11 +249,7 @@ class ImportConfig(_Config):
         path = Path(path)
         if not path.is_file():
             raise WorkbenchError(f"{path}: import config not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise WorkbenchError(f"{path}: not valid YAML: {exc}") from exc
-        return make_config(cls, raw, source=str(path)).resolve_paths(path.parent)
+        return load_yaml_config(cls, path).resolve_paths(path.parent)
 
     def resolve_paths(self, base: Path) -> "ImportConfig":
         """Return a copy with relative table paths made relative to ``base``."""
@@ -271,10 +266,7 @@ class ImportConfig(_Config):
 
 def make_config(model: type[BaseModel], values: dict, source: str = "config") -> Any:
     """Validate ``values`` into ``model``; errors become a WorkbenchError naming each field."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        raise WorkbenchError(validation_message(f"{source}: invalid {model.__name__}", exc)) from None
+    return validated(model, values, f"{source}: invalid {model.__name__}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,11 +51,11 @@ from typing import NamedTuple
 import numpy as np
 import meds
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from workbench.data.meds_io import MedsDataset, ShardWriter, open_dataset
-from workbench.config import validation_message
+from workbench.config import validated
 from workbench.errors import WorkbenchError
 
 GENERATOR_NAME = "workbench.data.synth"
@@ -205,10 +205,7 @@ class SynthConfig(BaseModel):
 
 def make_config(**values) -> SynthConfig:
     """A :class:`SynthConfig` from keyword values; a bad value is a WorkbenchError naming the field."""
-    try:
-        return SynthConfig(**values)
-    except ValidationError as exc:
-        raise WorkbenchError(validation_message("invalid synth config", exc)) from None
+    return validated(SynthConfig, values, "invalid synth config")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Pipelines as Prefect 3 flows: the team engine (``workbench run PIPELINE --engine prefect``).
 
 The flow is a thin scheduler around the same step runner the local engine uses,
-:func:`workbench.pipelines.execute_step`: one Prefect task per execution (a step, or one
+:func:`workbench.pipelines.steps.execute_step`, inside the same run lifecycle
+(:func:`workbench.pipelines.lifecycle.pipeline_run`): one Prefect task per execution (a step, or one
 combination of its ``matrix``), each task's inputs are the futures of every execution of its
 ancestor steps, so Prefect starts a task as soon as what it reads is done and runs a step's
 matrix children side by side. Validation, caching, child runs, parameters, tags and artifacts
@@ -19,7 +20,6 @@ core when that setting is unset.
 from __future__ import annotations
 
 import contextvars
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,21 +30,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from workbench import pipelines, tracking
+from workbench import tracking
 from workbench.errors import WorkbenchError
-from workbench.files import write_text_atomic
-from workbench.pipelines import (
-    Execution,
-    ExecutionResult,
-    Pipeline,
-    PipelineFailed,
-    PipelineResult,
-    ensure_kernelspec,
-    execute_step,
-    load_pipeline,
-    new_run_dir,
-    start_parent_run,
-)
+from workbench.pipelines.lifecycle import PipelineRun, pipeline_run
+from workbench.pipelines.results import ExecutionResult, PipelineFailed, PipelineResult
+from workbench.pipelines.spec import Execution, Pipeline, load_pipeline
+from workbench.pipelines.steps import ensure_kernelspec, execute_step, kernel_environment
 
 FLOW_NAME = "workbench-pipeline"
 
@@ -95,8 +86,10 @@ def run_execution(
     return result
 
 
-def _submit_all(pipeline: Pipeline, run_dir: Path, parent: dict[str, str], force: bool) -> dict[str, PrefectFuture]:
+def _submit_all(run: PipelineRun, force: bool) -> dict[str, PrefectFuture]:
     """Submit every execution at once; futures in ``upstream`` make Prefect wait for (and skip after) ancestors."""
+    pipeline, run_dir = run.pipeline, run.run_dir
+    parent = {"experiment_id": run.experiment_id, "pipeline_run_id": run.pipeline_run_id, "run_id": run.parent_run_id}
     futures: dict[str, PrefectFuture] = {}
     for step in pipeline.steps.values():
         upstream = {
@@ -140,33 +133,16 @@ def pipeline_flow(path: str, overrides: Optional[dict[str, Any]] = None, force: 
     uri = tracking.setup()
     # Pin the kernel environment for the whole flow: execute_step sets and restores these
     # variables per execution, which is only thread-safe when the saved value is the same one.
-    with pipelines._kernel_environment(uri):
-        experiment = tracking.experiment_id(pipeline.experiment)
-        run_dir = new_run_dir(pipeline)
-        parent = {
-            "experiment_id": experiment,
-            "pipeline_run_id": run_dir.name,
-            "run_id": start_parent_run(pipeline, experiment, run_dir.name),
-        }
-        results: list[ExecutionResult] = []
-        status = "FAILED"  # until every execution has finished: an interrupt leaves the parent FAILED
-        try:
-            results = _collect(pipeline, _submit_all(pipeline, run_dir, parent, force))
-            if len(results) == len(pipeline.executions) and all(r.status != "failed" for r in results):
-                status = "FINISHED"
-        finally:
-            pipelines._client().set_terminated(parent["run_id"], status)
-            pipelines.release_run(run_dir.name)  # every run is ended: the owner lock may go
-            result = PipelineResult(pipeline.name, parent["pipeline_run_id"], parent["run_id"], run_dir, results, pipeline.experiment)
-            manifest = {**pipelines._manifest(result, pipeline), "engine": "prefect"}
-            write_text_atomic(run_dir / "run.json", json.dumps(manifest, indent=2, default=str))
-    return result.raise_for_failure()
+    # Run dir, parent run, manifest and owner lock: the one lifecycle the local engine uses too.
+    with kernel_environment(uri), pipeline_run(pipeline, engine="prefect") as run:
+        run.results = _collect(pipeline, _submit_all(run, force))
+    return run.result.raise_for_failure()
 
 
 def run_with_prefect(pipeline: Pipeline, force: bool = False) -> PipelineResult:
     """Run a loaded pipeline as a flow (on ``PREFECT_API_URL``, else a temporary local Prefect server).
 
-    Like :func:`workbench.pipelines.run_pipeline`, returns the result whatever happened.
+    Like :func:`workbench.pipelines.local.run_pipeline`, returns the result whatever happened.
     """
     state = pipeline_flow(str(pipeline.path), pipeline.overrides, force, return_state=True)
     if state.is_completed():
@@ -225,7 +201,7 @@ def deploy_to_work_pool(
 ) -> str:
     """Register the deployment with a work pool; ``prefect worker start --pool NAME`` runs it. Returns its id.
 
-    Workers import ``workbench.orchestrate.pipeline_flow`` from the installed package (no image,
+    Workers import ``workbench.pipelines.prefect_engine.pipeline_flow`` from the installed package (no image,
     no code upload), so each worker machine needs the project installed at the same path.
     """
     from prefect.deployments.runner import EntrypointType
