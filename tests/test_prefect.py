@@ -76,25 +76,40 @@ def mlflow_structure(parent_run_id: str, metric_values: bool = True) -> dict:
     return {"parent": parent, "children": children, "champions": champions}
 
 
+#: How a pipeline can run: the local engine one step at a time, the local engine with two
+#: kernels at once, and Prefect (matrix children in parallel). The MLflow record must not differ.
+ENGINES = {"sequential": {"engine": "local", "workers": 1}, "parallel": {"engine": "local", "workers": 2},
+           "prefect": {"engine": "prefect"}}
+
+
 def compare_engines(
-    yaml_path: Path, overrides: dict, homes: tuple[Path, Path], monkeypatch, metric_values: bool = True
-) -> tuple[PipelineResult, PipelineResult]:
-    """Run the pipeline with each engine, each in a fresh project home and MLflow store, and compare the stores."""
-    results, structures = [], []
-    for engine, home in zip(("local", "prefect"), homes):
+    yaml_path: Path, overrides: dict, root: Path, monkeypatch, metric_values: bool = True, engines=tuple(ENGINES),
+) -> dict[str, PipelineResult]:
+    """Run the pipeline each way, each in a fresh project home and MLflow store under ``root``, and compare the stores."""
+    results, structures = {}, {}
+    for name in engines:
+        home = root / name
         home.mkdir(exist_ok=True)
         monkeypatch.chdir(home)
         monkeypatch.setenv("WORKBENCH_HOME", str(home))
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-        results.append(run_pipeline(yaml_path, overrides, engine=engine))
-        assert results[-1].ok, results[-1].failure
+        results[name] = run_pipeline(yaml_path, overrides, **ENGINES[name])
+        assert results[name].ok, results[name].failure
         tracking.setup()
-        structures.append(mlflow_structure(results[-1].parent_run_id, metric_values))
-    local, prefect = results
-    assert [(r.label, r.status) for r in prefect.executions] == [(r.label, r.status) for r in local.executions]
-    assert len(structures[0]["children"]) == len(load_pipeline(yaml_path, overrides).executions)
-    assert structures[1] == structures[0]
-    return local, prefect
+        structures[name] = mlflow_structure(results[name].parent_run_id, metric_values)
+    first, *others = engines
+    for name in others:
+        assert [(r.label, r.status) for r in results[name].executions] == [(r.label, r.status) for r in results[first].executions]
+        assert structures[name] == structures[first], f"{name} and {first} runs differ in MLflow"
+    assert len(structures[first]["children"]) == len(load_pipeline(yaml_path, overrides).executions)
+    return results
+
+
+def overlapped(home: Path, results: list) -> bool:
+    """Whether the MLflow runs of these executions (in the store under ``home``) ran side by side."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    a, b = (client.get_run(r.run_id).info for r in results)
+    return max(a.start_time, b.start_time) < min(a.end_time, b.end_time)
 
 
 def eventually(check, timeout: float = 30.0):
@@ -135,12 +150,15 @@ def demo(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_on_failure(demo, prefect_server, monkeypatch):
-    # 1. Both engines, same MLflow record (parent, a child per matrix value, params, tags, metrics, artifacts).
+    # 1. One step at a time, two at once, and Prefect: the same MLflow record (parent, a child per
+    #    matrix value, params, tags, metric values, artifacts).
     home = demo.parent.parent
-    local, prefect = compare_engines(demo, {}, (home / "local", home / "prefect"), monkeypatch)
-    client = MlflowClient()
-    ab, cde = (client.get_run(r.run_id).info for r in prefect.step("prep"))
-    assert max(ab.start_time, cde.start_time) < min(ab.end_time, cde.end_time), "matrix children ran side by side"
+    results = compare_engines(demo, {}, home, monkeypatch)
+    client = MlflowClient()  # the last store: prefect's
+    prefect = results["prefect"]
+    assert overlapped(home / "parallel", results["parallel"].step("prep")), "two workers: matrix children side by side"
+    assert not overlapped(home / "sequential", results["sequential"].step("prep")), "one worker: one after the other"
+    assert overlapped(home / "prefect", prefect.step("prep")), "matrix children ran side by side"
     manifest = json.loads((prefect.run_dir / "run.json").read_text())
     assert manifest["engine"] == "prefect" and manifest["parent_run_id"] == prefect.parent_run_id
 
@@ -211,5 +229,6 @@ def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server)
 @pytest.mark.slow
 def test_pbc_mortality_sweep_logs_the_same_runs_under_prefect(isolated_home, prefect_server, monkeypatch):
     # Timings (seconds, train_seconds) differ between any two runs: compare which metrics, not values.
-    homes = (isolated_home / "local", isolated_home / "prefect")
-    compare_engines(PBC_PIPELINE, PBC_OVERRIDES, homes, monkeypatch, metric_values=False)
+    # The real sweep one step at a time against Prefect's parallel run.
+    compare_engines(PBC_PIPELINE, PBC_OVERRIDES, isolated_home, monkeypatch, metric_values=False,
+                    engines=("sequential", "prefect"))

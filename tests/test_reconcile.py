@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from workbench import pipelines, record, runs, tracking
 from workbench.cli import app
-from workbench.record import KILLED_TAG, OWNER_TAG
+from workbench.record import ERROR_TAG, KILLED_TAG, OWNER_TAG
 
 NOTE_PARAMS = "output_dir = 'scratch'\nmlflow_run_id = None\n"
 NOTE_CELLS = ["import pathlib\npathlib.Path(output_dir, 'note.txt').write_text('hi')"]
@@ -152,6 +152,14 @@ def workbench(home: Path, *args: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def kill_process(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -217,8 +225,13 @@ def test_sigkilled_run_is_recorded_killed_and_rerun_computes_only_the_killed_ste
 def test_sigterm_closes_the_runs_failed_at_once(tmp_path, monkeypatch):
     """SIGTERM (what `timeout` and `kill` send) ends `workbench run` like Ctrl-C: nothing stays RUNNING."""
     path = pipeline_project(tmp_path, monkeypatch, SLOW_NOTEBOOKS, "killme", KILL_PIPELINE)
-    proc, (output, _) = stop_during_train(
-        tmp_path, path, lambda proc: (proc.send_signal(signal.SIGTERM), proc.communicate(timeout=60))[1])
+
+    def stop(proc):
+        output = proc.communicate(timeout=60) if proc.send_signal(signal.SIGTERM) is None else None
+        kernel = int((tmp_path / "train-started").read_text())
+        return output, wait_for(lambda: process_gone(kernel), 10, "the kernel to be gone")
+
+    proc, ((output, _), _) = stop_during_train(tmp_path, path, stop)
     assert proc.returncode == 130 and "stopped (SIGTERM)" in output and "Traceback" not in output, output
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # this test's store (mlflow keeps an earlier one's URI)
     exp = client.get_experiment_by_name("killme").experiment_id
@@ -226,6 +239,8 @@ def test_sigterm_closes_the_runs_failed_at_once(tmp_path, monkeypatch):
     statuses = {r.info.run_name.split()[0]: r.info.status for r in found}
     assert statuses == {"killme": "FAILED", "prep": "FINISHED", "train": "FAILED"}, (
         statuses, [r.data.tags.get(KILLED_TAG) for r in found], output)
+    train = next(r for r in found if r.info.run_name == "train")
+    assert train.data.tags[ERROR_TAG] == "step train: interrupted", "its kernel was stopped with the run, not left behind"
 
 
 # --- two pipelines at once on one store ----------------------------------------------------

@@ -231,3 +231,22 @@ def test_explain_reports_an_unknown_run(pbc_runs):
         capture_output=True, text=True, env={**os.environ, "WORKBENCH_HOME": str(home)}, timeout=120,
     )
     assert proc.returncode == 2 and "run 0123456789abcdef: not found" in proc.stderr + proc.stdout
+
+
+def test_nothing_leaves_the_machine_mlflow_telemetry_is_off():
+    """MLflow 3 reports usage to mlflow-telemetry.io unless told not to; importing workbench tells it
+    (for this process and the kernels, servers and models it starts). Checked against a plain
+    process, so the check cannot pass because of the test environment."""
+    import subprocess
+    import sys
+
+    quiet = ("PYTEST_CURRENT_TEST", "CI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "GITHUB_ACTIONS", "BUILD_ID")
+    env = {k: v for k, v in os.environ.items() if k not in quiet}
+    check = "from mlflow.telemetry.utils import is_telemetry_disabled; print(is_telemetry_disabled())"
+
+    def disabled(prefix: str) -> str:
+        return subprocess.run([sys.executable, "-c", prefix + check], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert disabled("") == "False", "a plain MLflow process would report telemetry (the test would be vacuous otherwise)"
+    assert disabled("import workbench.tracking; ") == "True"

@@ -619,13 +619,16 @@ def run_pipeline_command(
     engine: Optional[str] = typer.Option(
         None, "--engine", help="local, or prefect (a Prefect flow; see docs/teams.md); default: the pipeline's engine"
     ),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Steps run at once, each in its own kernel (local engine; default: one per core)"
+    ),
 ) -> None:
     """Run a pipeline's notebooks with Papermill, one MLflow run each (exit 1 if a step fails)."""
     reconcile_runs("workbench run")
     from workbench.pipelines import parse_overrides, run_pipeline
 
     result = run_stoppable(lambda: run_pipeline(find_pipeline(pipeline), parse_overrides(param), force=force,
-                                                engine=engine, console=console))
+                                                engine=engine, console=console, workers=workers))
     print_pipeline_result(result)
 
 
@@ -714,6 +717,7 @@ def find_pipeline(name_or_path: str | Path) -> Path:
 def demo(
     param: Optional[list[str]] = typer.Option(None, "-p", "--param", help="Override a pipeline parameter: key=value"),
     force: bool = typer.Option(False, "--force", help="Rerun every step, even cached ones"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Steps run at once (default: one per core)"),
 ) -> None:
     """The main job: the pbc_mortality pipeline end to end on the bundled PBC data, local MLflow."""
     from mlflow.tracking import MlflowClient
@@ -724,7 +728,8 @@ def demo(
     from workbench.pipelines import parse_overrides, run_pipeline
 
     print_validation(require_valid(load("pbc")))
-    result = run_pipeline(find_pipeline("pbc_mortality"), parse_overrides(param), force=force, console=console)
+    result = run_pipeline(find_pipeline("pbc_mortality"), parse_overrides(param), force=force, console=console,
+                          workers=workers)
     print_pipeline_result(result)
     champion = MlflowClient().get_model_version_by_alias("pbc_mortality", record.CHAMPION)
     stdout_console().print(

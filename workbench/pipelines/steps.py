@@ -10,7 +10,9 @@ import datetime as dt
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,40 +166,109 @@ def start_child_run(
 
 
 class Progress:
-    """One line per execution: running (with a spinner on a terminal), then its outcome and time."""
+    """Live progress of a pipeline run, several executions at a time.
+
+    On a terminal, a spinner lists the executions running now; on any console, each execution
+    prints a line when it starts (not on a terminal, where the spinner shows it) and when it
+    ends, with its outcome and time. Safe to use from the engine's worker threads.
+    """
 
     STYLE = {"finished": "green", "cached": "cyan", "failed": "bold red"}
 
     def __init__(self, console, total: int):
         self.console, self.total, self.index = console, total, 0
+        self._lock = threading.Lock()
+        self._numbers: dict[str, int] = {}  # label -> its [n/total] number
+        self._running: dict[str, float] = {}  # label -> when it started
+        self._status = None
+
+    def _number(self, label: str) -> int:
+        self.index += 1
+        self._numbers[label] = self.index
+        return self.index
 
     @contextmanager
     def running(self, label: str) -> Iterator[None]:
-        self.index += 1
-        if self.console is None:
+        with self._lock:
+            number = self._number(label)
+            self._running[label] = time.monotonic()
+            if self.console is not None and not self.console.is_terminal:
+                self._print(f"[{number}/{self.total}] {label}: started")
+            self._show()
+        try:
             yield
+        finally:
+            with self._lock:
+                self._running.pop(label, None)
+                self._show()
+
+    def _show(self) -> None:
+        """The spinner's line: every execution running now (terminal only)."""
+        if self.console is None or not self.console.is_terminal:
             return
-        with self.console.status(f"[{self.index}/{self.total}] {label}: running"):
-            yield
+        if not self._running:
+            if self._status is not None:
+                self._status.stop()
+                self._status = None
+            return
+        from rich.markup import escape
+
+        text = "running: " + ", ".join(f"[{self._numbers[label]}/{self.total}] {escape(label)}" for label in self._running)
+        if self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def _print(self, text: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(escape(text), highlight=False)
 
     def cached(self, label: str) -> None:
-        self.index += 1
+        with self._lock:
+            self._number(label)
         self.report_line(label, "cached", 0.0)
 
     def report_line(self, label: str, status: str, seconds: float) -> None:
-        if self.console is not None:
-            from rich.markup import escape
+        if self.console is None:
+            return
+        from rich.markup import escape
 
-            timing = f" in {seconds:.1f}s" if status != "cached" else ""
+        timing = f" in {seconds:.1f}s" if status != "cached" else ""
+        with self._lock:
+            number = self._numbers.get(label, self.index)
             self.console.print(
-                f"[{self.index}/{self.total}] {escape(label)}: [{self.STYLE[status]}]{status}[/]{timing}",
-                highlight=False,
+                f"[{number}/{self.total}] {escape(label)}: [{self.STYLE[status]}]{status}[/]{timing}", highlight=False,
             )
+
+
+# Kernels this process started and that still run, by process group (each kernel runs in its own
+# session): an interrupted run kills them, since worker threads do not see the main thread's Ctrl-C.
+_live_kernels: set[int] = set()
+_live_lock = threading.Lock()
+#: Set while this process stops its kernels: the steps that die of it are reported as interrupted.
+stopping = threading.Event()
+
+
+def stop_kernels() -> int:
+    """Kill every kernel this process started that is still running; returns how many."""
+    stopping.set()
+    with _live_lock:
+        groups = list(_live_kernels)
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(groups)
 
 
 def _failure_message(label: str, exc: BaseException) -> str:
     from papermill.exceptions import PapermillExecutionError
 
+    if stopping.is_set() and not isinstance(exc, PapermillExecutionError):
+        return f"step {label}: interrupted"
     if isinstance(exc, PapermillExecutionError):
         return f"step {label}, cell {exc.cell_index} (In [{exc.exec_count}]): {exc.ename}: {exc.evalue}"
     if isinstance(exc, KeyboardInterrupt):
@@ -217,6 +288,7 @@ def _run_notebook(execution: Execution, params: dict[str, Any], run_dir: Path, u
     from jupyter_client.manager import AsyncKernelManager
 
     partial = run_dir / f"{execution.label}{runs.PARTIAL_SUFFIX}"  # what reconcile looks for
+    groups: list[int] = []  # the process group of this execution's kernel, once started
     final = run_dir / f"{execution.label}.ipynb"
     try:
         # IPC sockets in a private temp dir: the kernel is reachable only by us (no open TCP
@@ -233,14 +305,25 @@ def _run_notebook(execution: Execution, params: dict[str, Any], run_dir: Path, u
 
                 async def start_kernel(self, **kwargs):
                     kwargs.setdefault("stderr", kernel_log)
-                    return await super().start_kernel(**kwargs)
+                    started = await super().start_kernel(**kwargs)
+                    group = getattr(self.provisioner, "pgid", None)
+                    if group:
+                        with _live_lock:
+                            _live_kernels.add(group)
+                        groups.append(group)
+                    return started
 
             papermill.execute_notebook(
                 str(execution.notebook), str(partial), parameters=params, kernel_name=ensure_kernelspec(),
                 language="python", progress_bar=False, log_output=False, cwd=str(tracking.project_home()),
                 kernel_manager_class=IpcKernelManager,
+                # The notebook is complete when its last cell ends; a graceful kernel exit took 3 s more
+                # per step (atexit hooks of the imported libraries) and saves nothing we keep.
+                shutdown_kernel="immediate",
             )
     finally:
+        with _live_lock:
+            _live_kernels.difference_update(groups)
         if partial.exists():
             os.replace(partial, final)
     return final
