@@ -76,7 +76,7 @@ def worker(impl: str, root: Path) -> None:
         if impl == "fit":
             from sklearn.metrics import roc_auc_score
 
-            from workbench.models import GradientBoostedReference
+            from workbench.references import GradientBoostedReference
 
             split, y = samples["split"].to_numpy(), samples["boolean_value"].to_numpy().astype(int)
             started = time.perf_counter()

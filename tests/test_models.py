@@ -12,17 +12,14 @@ from pydantic import ValidationError
 
 from workbench.errors import WorkbenchError
 from workbench.models import (
-    MAYO_FEATURES,
     FusedRecurrent,
-    LogisticReference,
     ModelConfig,
     SequenceModelParts,
     build_model,
     logit_function,
-    mayo_inputs_from_features,
-    mayo_pbc_score,
     split_sequence_model,
 )
+from workbench.references import MAYO_FEATURES, LogisticReference, mayo_inputs_from_features, mayo_pbc_score
 
 import keras  # after a workbench import: workbench/__init__.py chooses the torch backend
 import torch
@@ -211,7 +208,7 @@ def test_logistic_reference_reads_the_whole_history_and_chooses_c_on_tuning():
 def test_gradient_boosted_reference_stops_on_tuning_and_saves_as_text(tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from workbench.models import GradientBoostedReference
+    from workbench.references import GradientBoostedReference
 
     X, y, _ = tabular_problem()
     gbt = GradientBoostedReference(seed=3).fit(X[:800], y[:800], X[800:1000], y[800:1000])

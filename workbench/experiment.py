@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import mlflow
 import numpy as np
@@ -22,18 +22,19 @@ from workbench.errors import WorkbenchError
 from workbench.evaluation import EvalConfig, EvaluationResult, decision_curve, evaluate, format_with_ci, threshold_table
 from workbench.features import SequenceTensors
 from workbench.calibration import Recalibration, fit_recalibration
-from workbench.models import (
+from workbench.references import (
     MAYO_FORMULA,
     GradientBoostedReference,
     LogisticReference,
-    ModelConfig,
-    fold_platt,
     mayo_not_applicable,
     mayo_risk,
 )
 from workbench.plots import calibration_plot, decision_curve_plot, pr_curve_plot, roc_curve_plot, training_curves_plot
 from workbench.tasks import TaskSpec, load_task
-from workbench.training import TrainConfig, predict_risk, train
+from workbench.training import TrainConfig
+
+if TYPE_CHECKING:
+    from workbench.models import ModelConfig
 
 ModelKind = Literal["lstm", "gru", "rnn", "logistic", "gbt", "mayo"]
 SEQUENCE_KINDS = ("lstm", "gru", "rnn")
@@ -113,6 +114,9 @@ def fit_model(
     """Fit ``kind`` on the train split (early stopping and any choice on tuning); the Mayo score fits nothing."""
     train_split, tune_split = tensors.by_split("train"), tensors.by_split("tuning")
     if kind in SEQUENCE_KINDS:
+        from workbench.models import ModelConfig
+        from workbench.training import predict_risk, train
+
         config = (model_config or ModelConfig()).model_copy(update={"kind": kind})
         result = train(
             config, train_config or TrainConfig(), train_split.X, train_split.y, tune_split.X, tune_split.y,
@@ -160,6 +164,8 @@ def recalibrate(fitted: FittedModel, tensors: SequenceTensors, method: str) -> N
     """
     recalibration = fit_recalibration(fitted.predict(inputs(fitted, tensors, "tuning")), tensors.by_split("tuning").y, method)
     if recalibration.method == "platt" and fitted.keras_model is not None:
+        from workbench.models import fold_platt
+
         fold_platt(fitted.keras_model, recalibration.a, recalibration.b)
         recalibration.folded = True
     elif recalibration.method == "platt" and isinstance(fitted.reference, LogisticReference):
@@ -284,7 +290,12 @@ def run_model(
     """
     task = load_task(task)
     tracking.setup()
-    model_config = (model_config or ModelConfig()).model_copy(update={"kind": kind}) if kind in SEQUENCE_KINDS else None
+    if kind in SEQUENCE_KINDS:
+        from workbench.models import ModelConfig
+
+        model_config = (model_config or ModelConfig()).model_copy(update={"kind": kind})
+    else:
+        model_config = None
     train_config = train_config or TrainConfig()
     eval_config = eval_config or EvalConfig()
     arch = architecture(kind, model_config)

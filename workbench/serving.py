@@ -225,7 +225,7 @@ class KerasPredictor:
 
 def load_predictor(kind: str, artifacts: dict, spec, options: dict):
     """``X [N, T, F] -> risk [N]`` of a logged model (the inverse of :func:`save_predictor`)."""
-    from workbench import models
+    from workbench import references
 
     if "keras_model" in artifacts:
         return KerasPredictor(artifacts["keras_model"])
@@ -234,9 +234,9 @@ def load_predictor(kind: str, artifacts: dict, spec, options: dict):
 
         return joblib.load(artifacts["estimator"]).predict_proba
     if "lightgbm" in artifacts:
-        return models.GradientBoostedReference.load(artifacts["lightgbm"]).predict_proba
+        return references.GradientBoostedReference.load(artifacts["lightgbm"]).predict_proba
     if kind == "mayo":
-        return lambda X: models.mayo_risk(spec, X, options.get("horizon_years", 2))
+        return lambda X: references.mayo_risk(spec, X, options.get("horizon_years", 2))
     raise WorkbenchError(f"model kind {kind!r}: no predictor among the logged artifacts {sorted(artifacts)}")
 
 
