@@ -194,6 +194,13 @@ def test_prefect_flow_logs_like_local_engine_runs_matrix_in_parallel_and_stops_o
 
     eventually(flow_run_and_child_failed)
 
+    # 4. The same failure on the local engine with two workers: the same outcome and record.
+    local = run_pipeline(demo, engine="local", workers=2, force=True)
+    assert [(r.label, r.status) for r in local.executions] == [("prep-model=ab", "finished"), ("prep-model=cde", "failed")]
+    assert "AssertionError: no cde" in local.failure.error
+    assert client.get_run(local.parent_run_id).info.status == "FAILED"
+    assert set(runs_by_label(client, local.parent_run_id)) == {"prep-model=ab", "prep-model=cde"}
+
 
 @pytest.mark.slow
 def test_deployment_puts_the_pipeline_on_prefects_schedule(demo, prefect_server):
