@@ -122,8 +122,8 @@ def test_deletion_check_passes_on_low_prevalence_where_the_signed_test_misled(lo
         assert np.all(curve["win_rate"] >= config.min_deletion_win_rate)
         assert np.nanmean(curve["agreement"]) >= config.min_deletion_agreement
     verdicts = E.check_verdicts(checks, config)
-    assert verdicts["key"].to_list() == ["additivity", "deletion_ranking", "deletion_agreement"]
-    assert verdicts["verdict"].to_list() == ["PASS"] * 3
+    assert verdicts["key"].to_list() == ["additivity", "sampling_additivity", "deletion_ranking", "deletion_agreement"]
+    assert verdicts["verdict"].to_list() == ["PASS"] * 4
     assert E.verdict_tags(verdicts)[E.VERDICT_TAG] == "PASS"
 
 

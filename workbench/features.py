@@ -3,6 +3,8 @@
 The verbs follow scikit-learn: :func:`fit` learns a :class:`FeatureSpec` (selected codes, train
 medians, normalization statistics) from the **train split only**; :func:`transform` applies a
 saved spec to any data and never refits; :func:`fit_transform` does both in one pass.
+:func:`fit_transform_chunked` and :func:`transform_chunked` do the same a chunk of subjects at a
+time, for data whose tensor does not fit in memory (:mod:`workbench.shards` keeps it on disk).
 
 Time axis (for every sample ``n`` with prediction time ``pt`` and bin width ``w``):
 
@@ -639,17 +641,22 @@ def _select(read: _Events, samples: pl.DataFrame, config: FeatureConfig) -> tupl
             "statistics are fitted on the train split only"
         )
     stats = _code_stats(read, train)
-    pick = _select_codes(stats, config, train["subject_id"].n_unique())
+    return _layout_from_stats(stats, config, train["subject_id"].n_unique()), stats["code"].to_list(), train
+
+
+def _layout_from_stats(stats: pl.DataFrame, config: FeatureConfig, n_train_subjects: int) -> _Layout:
+    """The channels chosen from per-code train statistics (:func:`_code_stats`, or its sum over
+    chunks of subjects: every column is a count over disjoint subjects, so chunks add up)."""
+    pick = _select_codes(stats, config, n_train_subjects)
     include_age = config.static_features and bool(
         stats.filter((pl.col("code") == config.birth_code) & (pl.col("n_timed") > 0)).height
     )
-    layout = _Layout(config, pick["numeric"], pick["count"], pick["static"], include_age)
-    return layout, stats["code"].to_list(), train
+    return _Layout(config, pick["numeric"], pick["count"], pick["static"], include_age)
 
 
 def _unseen_codes(read: _Events, seen: list[str]) -> list[str]:
     """Codes in the events read (as of a prediction time, or static) that the spec never saw."""
-    codes = pl.concat([read.bins.select(pl.col("code").cast(pl.String)).unique(), read.static.select("code").unique()])
+    codes = pl.concat([read.bins.select(pl.col("code").unique().cast(pl.String)), read.static.select("code").unique()])
     return sorted(set(codes["code"].to_list()) - set(seen))
 
 
@@ -683,7 +690,7 @@ def _layout_sparse(bins: pl.DataFrame, layout: _Layout) -> _Sparse:
     keep = (code >= 0) & ((code >= n_numeric) | (bins["n_values"].to_numpy() > 0))
     sample, slot, code = bins["_sample"].to_numpy()[keep], bins["_step"].to_numpy()[keep] + 1, code[keep]
     key = (sample * max(len(index), 1) + code) * (T + 1) + slot
-    order = pl.Series(key).arg_sort().to_numpy()  # polars sorts in parallel
+    order = np.argsort(key)  # keys are unique, so any sort gives this order (numpy's is vectorized)
     columns = bins.select(pl.exclude("_sample", "_step", "code")).filter(pl.Series(keep))[order]
     return _Sparse(sample[order], slot[order].astype(np.int64), code[order], columns)
 
@@ -837,7 +844,7 @@ def _channel_statistics(column: np.ndarray, name: str) -> tuple[float, float, fl
         missing = np.isnan(column)
         finite = column[~missing]
         if finite.size == 0:
-            warnings.warn(f"feature {name!r} has no value in the train split; imputing 0", stacklevel=5)
+            _warn_no_train_value(name)
         else:
             median = float(np.median(finite))
         column[missing] = median
@@ -845,7 +852,193 @@ def _channel_statistics(column: np.ndarray, name: str) -> tuple[float, float, fl
         return median, 0.0, 1.0
     mean = float(np.mean(column, dtype=np.float64))
     std = float(np.std(column, dtype=np.float64))
-    return median, mean, (std if std > 1e-12 and np.isfinite(std) else 1.0)
+    return median, mean, _usable_std(std)
+
+
+def _usable_std(std: float) -> float:
+    """The std a channel is divided by: 1 where the train values are (nearly) constant."""
+    return std if std > 1e-12 and np.isfinite(std) else 1.0
+
+
+def _warn_no_train_value(name: str) -> None:
+    warnings.warn(f"feature {name!r} has no value in the train split; imputing 0", stacklevel=6)
+
+
+_NAN_KEY = np.uint32(0xFFFFFFFF)  # above every number's key (+inf's is 0xFF800000)
+
+
+def _sortable_keys(values: np.ndarray) -> np.ndarray:
+    """uint32 keys ordered like the float32 ``values`` (NaN -> ``_NAN_KEY``; -0.0 just below 0.0)."""
+    bits = values.view(np.uint32)
+    keys = bits ^ (((bits >> 31) * np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000))
+    np.putmask(keys, np.isnan(values), _NAN_KEY)
+    return keys
+
+
+def _key_value(key: int) -> np.float32:
+    """The float32 whose :func:`_sortable_keys` key is ``key``."""
+    bits = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+
+class _StreamingStatistics:
+    """The statistics of :func:`_fit_statistics` (train medians before imputation, then mean and
+    std after it, over the train rows' non-padded steps), accumulated a chunk of the raw tensor
+    at a time, so that the whole tensor never has to be in memory.
+
+    Medians are exact: each channel's values are counted by the high 16 bits of an
+    order-preserving uint32 key (:meth:`add`, one look at every chunk), then by the low 16 bits
+    within the one or two high-bit bins that hold the middle order statistic(s); the middle
+    value(s) then go through ``np.median``, so the median is the very float32 ``np.median``
+    returns on the whole column. The low bits are counted in the same look for a window of
+    ``WINDOW`` high bins around the first chunk's middle (the median of a few thousand samples is
+    rarely more than a bin away from the final one); only a channel whose final middle falls
+    outside its window needs a second look (:meth:`add_low`, when :attr:`needs_low`). Means and stds come from sums shifted by
+    the first chunk's mean: numpy's up to float64 rounding (the order of summation differs), so
+    after the cast to float32 in :func:`_finish` they are almost always the same number.
+    """
+
+    BITS = 16
+    BLOCK = 1 << 14  # steps per block: its temporaries stay in cache
+    WINDOW = 7  # high bins whose low bits are counted in the first look
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.imputed = np.flatnonzero([_is_imputed(n) for n in self.names])
+        self.continuous = np.array([_is_continuous(n) for n in self.names], dtype=bool)
+        F = len(self.names)
+        self.steps = 0
+        self.high = np.zeros((len(self.imputed), 1 << self.BITS), dtype=np.int64)
+        self.missing = np.zeros(F, dtype=np.int64)  # NaN values per imputed channel
+        self.shift: np.ndarray | None = None  # float32 numbers, so NaN -> shift adds exactly 0
+        self.s1 = np.zeros(F)  # sum of (value - shift) over the values that are not NaN
+        self.s2 = np.zeros(F)  # sum of (value - shift)**2
+        self.low: dict[tuple[int, int], np.ndarray] = {}  # (imputed channel, high bin) -> low-bit counts
+        self.window: list[int | None] = [None] * len(self.imputed)  # first high bin of each window
+        self.window_counts = np.zeros((len(self.imputed), self.WINDOW << self.BITS), dtype=np.int64)
+        self._targets: list[list[tuple[int, int]]] | None = None
+
+    @classmethod
+    def _blocks(cls, X: np.ndarray, padded: np.ndarray, rows: np.ndarray):
+        """[steps, F] blocks (copies) of the train rows' non-padded steps, in order."""
+        flat = X.reshape(-1, X.shape[2])
+        steps = np.flatnonzero((~padded & rows[:, None]).ravel())
+        for start in range(0, len(steps), cls.BLOCK):  # a loop over blocks of steps, not rows
+            yield flat[steps[start:start + cls.BLOCK]]
+
+    def add(self, X: np.ndarray, padded: np.ndarray, rows: np.ndarray) -> None:
+        """First look at a chunk: X [n, T, F] raw (NaN where nothing is known), its padding, and
+        which of its rows are train rows."""
+        key_parts = []
+        for values in self._blocks(X, padded, rows):
+            self.steps += len(values)
+            imputed = values[:, self.imputed]
+            key_parts.append(_sortable_keys(imputed).T)
+            if self.shift is None:  # the first block's mean: sums of small numbers lose nothing
+                missing = np.isnan(values)
+                total = np.where(missing, 0.0, values).sum(axis=0, dtype=np.float64)
+                self.shift = (total / np.maximum(len(values) - missing.sum(axis=0), 1)).astype(np.float32)
+            # an imputed channel's NaN becomes its shift and adds exactly 0 (their number is in
+            # the last high bin); elsewhere NaN stays, and its sum says so
+            np.copyto(imputed, self.shift[self.imputed], where=np.isnan(imputed))
+            values[:, self.imputed] = imputed
+            shifted = values.astype(np.float64)
+            shifted -= self.shift
+            self.s1 += shifted.sum(axis=0)
+            self.s2 += np.einsum("ij,ij->j", shifted, shifted)
+        if not key_parts:
+            return
+        keys = np.concatenate(key_parts, axis=1)
+        span = np.uint32(self.WINDOW << self.BITS)
+        for i, column in enumerate(keys):
+            self.high[i] += np.bincount(column >> self.BITS, minlength=1 << self.BITS)
+            if self.window[i] is None and self._n_values(i):  # the channel's first values
+                middle = int(np.searchsorted(np.cumsum(self.high[i]), self._n_values(i) // 2, side="right"))
+                self.window[i] = min(max(0, middle - self.WINDOW // 2), (1 << self.BITS) - self.WINDOW)
+            if self.window[i] is not None:
+                offset = column - np.uint32(self.window[i] << self.BITS)  # below the window wraps around
+                self.window_counts[i] += np.bincount(offset[offset < span], minlength=int(span))
+        self.missing[self.imputed] = self.high[:, -1]
+
+    def _n_values(self, i: int) -> int:
+        return int(self.high[i, :-1].sum())  # the last bin holds only NaN
+
+    def targets(self) -> list[list[tuple[int, int]]]:
+        """Per imputed channel, (high bin, rank within it) of its middle order statistic(s)."""
+        if self._targets is None:
+            self._targets = []
+            for i in range(len(self.imputed)):
+                n = self._n_values(i)
+                ranks = sorted({(n - 1) // 2, n // 2}) if n else []
+                cum = np.cumsum(self.high[i])
+                found = []
+                for k in ranks:
+                    b = int(np.searchsorted(cum, k, side="right"))
+                    found.append((b, k - (int(cum[b - 1]) if b else 0)))
+                self._targets.append(found)
+        return self._targets
+
+    def _in_window(self, i: int, b: int) -> bool:
+        return self.window[i] is not None and self.window[i] <= b < self.window[i] + self.WINDOW
+
+    def _outside(self) -> list[tuple[int, int]]:
+        """(imputed channel, high bin) of the middle values not counted in the first look."""
+        return sorted({(i, b) for i, found in enumerate(self.targets()) for b, _ in found if not self._in_window(i, b)})
+
+    @property
+    def needs_low(self) -> bool:
+        """Whether :meth:`add_low` must see the chunks again (a middle value fell outside its window)."""
+        return bool(self._outside())
+
+    def add_low(self, X: np.ndarray, padded: np.ndarray, rows: np.ndarray) -> None:
+        """Second look at a chunk (after every chunk went through :meth:`add`), for the channels
+        whose middle fell outside their window."""
+        wanted = self._outside()
+        if not wanted:
+            return
+        parts: dict[tuple[int, int], list[np.ndarray]] = {key: [] for key in wanted}
+        mask = np.uint32((1 << self.BITS) - 1)
+        for values in self._blocks(X, padded, rows):
+            keys = _sortable_keys(values[:, self.imputed])
+            for i, b in wanted:
+                column = keys[:, i]
+                parts[(i, b)].append((column[(column >> self.BITS) == b] & mask).astype(np.uint16))
+        for key, chunks in parts.items():
+            if chunks:
+                counts = np.bincount(np.concatenate(chunks), minlength=1 << self.BITS)
+                self.low[key] = self.low.get(key, 0) + counts
+
+    def result(self) -> tuple[list[float], list[float], list[float]]:
+        """(median, mean, std) per channel, as :func:`_fit_statistics` returns them."""
+        F = len(self.names)
+        median, mean, std = [0.0] * F, [0.0] * F, [1.0] * F
+        for i, (j, found) in enumerate(zip(self.imputed, self.targets())):
+            if not found:
+                _warn_no_train_value(self.names[j])
+                continue
+            middle = []
+            for b, rank in found:
+                if self._in_window(i, b):
+                    start = (b - self.window[i]) << self.BITS
+                    low = np.cumsum(self.window_counts[i, start:start + (1 << self.BITS)])
+                else:
+                    low = np.cumsum(self.low[(i, b)])
+                middle.append(_key_value((b << self.BITS) | int(np.searchsorted(low, rank, side="right"))))
+            median[j] = float(middle[0]) if len(middle) == 1 else float(np.median(np.array(middle, np.float32)))
+        n = self.steps
+        if n == 0:
+            return median, mean, std
+        for j in np.flatnonzero(self.continuous):
+            s1, s2, filled = float(self.s1[j]), float(self.s2[j]), int(self.missing[j])
+            if np.isnan(s1):  # NaN in a channel that is not imputed stays NaN, as in np.mean
+                mean[j], std[j] = float("nan"), 1.0
+                continue
+            if filled:  # the missing values become the median
+                d = median[j] - float(self.shift[j])
+                s1, s2 = s1 + filled * d, s2 + filled * d * d
+            mean[j] = float(self.shift[j]) + s1 / n
+            std[j] = _usable_std(float(np.sqrt(max(s2 / n - (s1 / n) ** 2, 0.0))))
+        return median, mean, std
 
 
 def _finish(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec, chunk: int = 1024) -> np.ndarray:
@@ -899,13 +1092,18 @@ def _warn_unseen(codes: list[str]) -> None:
 
 def _spec_from(layout: _Layout, seen: list[str], X: np.ndarray, padded: np.ndarray, rows: np.ndarray,
                dataset: MedsDataset, train: pl.DataFrame) -> FeatureSpec:
-    names = layout.feature_names
-    median, mean, std = _fit_statistics(X, padded, rows, names)
+    median, mean, std = _fit_statistics(X, padded, rows, layout.feature_names)
+    return _fitted_spec(layout, seen, (median, mean, std), dataset, train["subject_id"].n_unique(), train.height)
+
+
+def _fitted_spec(layout: _Layout, seen: list[str], statistics: tuple[list[float], list[float], list[float]],
+                 dataset: MedsDataset, n_train_subjects: int, n_train_samples: int) -> FeatureSpec:
+    median, mean, std = statistics
     return FeatureSpec(
         config=layout.config, numeric_codes=layout.numeric, count_codes=layout.count, static_codes=layout.static,
-        include_age=layout.include_age, seen_codes=seen, feature_names=names, median=median, mean=mean, std=std,
-        fitted_on=FitInfo(data_fingerprint=data_fingerprint(dataset), n_train_subjects=train["subject_id"].n_unique(),
-                          n_train_samples=train.height),
+        include_age=layout.include_age, seen_codes=seen, feature_names=layout.feature_names, median=median, mean=mean,
+        std=std, fitted_on=FitInfo(data_fingerprint=data_fingerprint(dataset), n_train_subjects=n_train_subjects,
+                                   n_train_samples=n_train_samples),
     )
 
 
@@ -978,3 +1176,298 @@ def _require_train(samples: pl.DataFrame, dataset: MedsDataset) -> None:
             f"{dataset.root}: no label belongs to a train-split subject (metadata/subject_splits.parquet); "
             "statistics are fitted on the train split only"
         )
+
+
+# ------------------------------------------------------------------- chunked (out of memory)
+#
+# fit_transform / transform run on chunks of subjects, so that the dense tensor never has to be
+# in memory: every chunk goes through the same event query, code statistics and dense assembly
+# as the whole data would, and the chunks add up to the same spec and the same rows.
+# workbench/shards.py stores the chunks on disk; the passes are described there.
+
+
+@dataclass(frozen=True)
+class _Files(MedsDataset):
+    """A MEDS dataset restricted to some of its event files (read exactly like the whole one)."""
+
+    files: tuple[Path, ...] = ()
+
+    @property
+    def data_files(self) -> list[Path]:
+        return list(self.files)
+
+
+@dataclass(frozen=True)
+class _ChunkEvents:
+    """The events of subjects ``lo..hi`` (all the event reader asks of a dataset is ``events()``)."""
+
+    source: MedsDataset | EventFrame
+    lo: int
+    hi: int
+
+    def events(self) -> pl.LazyFrame:
+        return self.source.events().filter(pl.col("subject_id").is_between(self.lo, self.hi))
+
+
+@dataclass
+class _Chunk:
+    start: int  # rows of the subject-sorted samples
+    stop: int
+    events: _ChunkEvents
+
+
+def _file_subject_ranges(dataset) -> list[tuple[Path, int, int]] | None:
+    """(file, min subject_id, max subject_id) of each event file from its parquet statistics,
+    sorted; None where a file has none (then every chunk scans every file, still correctly)."""
+    if not isinstance(dataset, MedsDataset):
+        return None
+    import pyarrow.parquet as pq
+
+    ranges = []
+    for path in dataset.data_files:
+        meta = pq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "subject_id" not in names:
+            return None
+        lows, highs = [], []
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            if group.num_rows == 0:
+                continue
+            stats = group.column(names.index("subject_id")).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            lows.append(int(stats.min))
+            highs.append(int(stats.max))
+        if lows:
+            ranges.append((path, min(lows), max(highs)))
+    return sorted(ranges, key=lambda r: (r[1], r[2]))
+
+
+def _plan_chunks(dataset, samples: pl.DataFrame, chunk_samples: int) -> list[_Chunk]:
+    """Cut the subject-sorted ``samples`` into chunks of whole subjects, at most ``chunk_samples``
+    samples each (more only for one subject with more samples), ending at file ends where the files
+    hold disjoint subject ranges (MEDS keeps each subject in one file), and give each chunk the files
+    holding its subjects."""
+    per_subject = samples.group_by("subject_id", maintain_order=True).len()
+    subjects = per_subject["subject_id"].to_numpy()
+    ends = np.cumsum(per_subject["len"].to_numpy())  # samples up to and including each subject
+    ranges = _file_subject_ranges(dataset)
+    if ranges is not None and all(a[2] < b[1] for a, b in zip(ranges, ranges[1:])):
+        cuts = np.unique(np.searchsorted(subjects, [r[2] for r in ranges], side="right"))
+    else:
+        cuts = np.arange(1, len(subjects) + 1)  # subject ranges overlap: cut anywhere
+    chunks, first = [], 0
+    while first < len(subjects):
+        before = int(ends[first - 1]) if first else 0
+        most = int(np.searchsorted(ends, before + chunk_samples, side="right"))  # subjects that fit
+        fitting = cuts[(cuts > first) & (cuts <= most)]
+        last = int(fitting[-1]) if len(fitting) else max(most, first + 1)
+        lo, hi = int(subjects[first]), int(subjects[last - 1])
+        source = dataset
+        if ranges is not None:
+            files = tuple(path for path, a, b in ranges if a <= hi and b >= lo)
+            source = _Files(dataset.root, files) if files else dataset
+        chunks.append(_Chunk(before, int(ends[last - 1]), _ChunkEvents(source, lo, hi)))
+        first = last
+    return chunks
+
+
+def _chunk_samples(samples: pl.DataFrame, chunk: _Chunk) -> pl.DataFrame:
+    """A chunk's samples, ``_sample`` numbering its rows (what the assembly indexes)."""
+    return samples[chunk.start:chunk.stop].with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_sample"))
+
+
+class RawChunkSink:
+    """Where the chunked passes put each chunk's raw tensor: ``write(k, X, observed, padded)`` with
+    X [n, T, F] float32 before imputation and standardization (NaN where nothing is known yet) for
+    chunk ``k`` (chunks come in order, except chunks read before any train sample, which come once
+    there is one; a chunk written again replaces its first version); ``read(k)`` gives chunk
+    ``k``'s ``(X, padded)`` back. :mod:`workbench.shards` has the project's one."""
+
+    def write(self, k: int, X: np.ndarray, observed: np.ndarray, padded: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def read(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+SAMPLE_COLUMNS = ("sample_index", "subject_id", "prediction_time", "boolean_value", "split")
+#: Samples per chunk: the raw chunk is 32,768 * T * F * 4 bytes (200 MB at T=48, F=32).
+DEFAULT_CHUNK_SAMPLES = 32_768
+
+
+def _sorted_samples(samples: pl.DataFrame) -> pl.DataFrame:
+    return samples.rename({"_sample": "sample_index"}).sort("subject_id", maintain_order=True)
+
+
+class _CodeTally:
+    """The per-code train counts of the chunks read so far (they add up: disjoint subjects)."""
+
+    def __init__(self, counts: bool = True) -> None:
+        self.counts = counts  # False: only the codes seen (to warn about unseen ones)
+        self.parts: list[pl.DataFrame] = []
+        self.codes: set[str] = set()
+        self.n_train_subjects = 0
+
+    def add(self, read: _Events, part: pl.DataFrame) -> None:
+        train = part.filter(pl.col("split") == "train") if self.counts else part.clear()
+        if train.height:
+            self.parts.append(_code_stats(read, train))
+            self.n_train_subjects += train["subject_id"].n_unique()
+        self.codes.update(_unseen_codes(read, []))
+
+    def layout(self, config: FeatureConfig) -> tuple[_Layout, list[str]] | None:
+        if not self.parts:
+            return None
+        stats = pl.concat(self.parts).group_by("code").agg(pl.col("n_subjects", "n_timed", "n_numeric").sum())
+        stats = stats.sort("code")
+        self.parts = [stats]
+        return _layout_from_stats(stats, config, self.n_train_subjects), stats["code"].to_list()
+
+
+def _same_layout(a: _Layout, b: _Layout) -> bool:
+    return (a.numeric, a.count, a.static, a.include_age) == (b.numeric, b.count, b.static, b.include_age)
+
+
+class _Assembler:
+    """Assembles chunks into the sink in a worker thread while the next chunk's events are read
+    (the events query runs in polars, outside the GIL): at most one chunk waits, so memory holds
+    at most two chunks' bins and one raw tensor besides the sink's."""
+
+    def __init__(self, sink: RawChunkSink, is_train: np.ndarray | None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sink, self.is_train = sink, is_train
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = None
+        self.statistics: _StreamingStatistics | None = None
+        self.layout: _Layout | None = None
+
+    def start(self, layout: _Layout) -> None:
+        self.wait()
+        self.layout = layout
+        self.statistics = None if self.is_train is None else _StreamingStatistics(layout.feature_names)
+
+    def _assemble(self, k: int, chunk: _Chunk, read: _Events, part: pl.DataFrame) -> None:
+        X, observed, padded = _raw_for(read, part, self.layout)
+        del read
+        if self.statistics is not None:
+            self.statistics.add(X, padded, self.is_train[chunk.start:chunk.stop])
+        self.sink.write(k, X, observed, padded)
+
+    def submit(self, k: int, chunk: _Chunk, read: _Events, part: pl.DataFrame) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._assemble, k, chunk, read, part)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
+def _assemble_all(chunks: list[_Chunk], samples: pl.DataFrame, config: FeatureConfig, assembler: _Assembler,
+                  tally: _CodeTally | None, tick) -> None:
+    """One pass over the chunks' events: each chunk is tallied (when fitting) and assembled. With
+    no layout yet (fitting), the layout of the first chunks holding train samples is a guess used
+    meanwhile (chunks read before it are read again); the caller checks it against the final one."""
+    waiting = []
+    for k, chunk in enumerate(chunks):
+        part = _chunk_samples(samples, chunk)
+        read = _read_events(chunk.events, part, config)
+        if tally is not None:
+            tally.add(read, part)
+        guess = tally.layout(config) if assembler.layout is None and tally is not None else None
+        if guess is not None:
+            assembler.start(guess[0])
+            for j in waiting:  # rare: no train sample in the first chunks
+                earlier = _chunk_samples(samples, chunks[j])
+                assembler.submit(j, chunks[j], _read_events(chunks[j].events, earlier, config), earlier)
+            waiting = []
+        if assembler.layout is None:
+            waiting.append(k)
+        else:
+            assembler.submit(k, chunk, read, part)
+        del read
+        tick()
+    assembler.wait()
+
+
+def fit_transform_chunked(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
+                          sink: RawChunkSink, config: FeatureConfig | None = None,
+                          splits: pl.DataFrame | None = None, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+                          progress=None) -> tuple[FeatureSpec, pl.DataFrame]:
+    """:func:`fit_transform` a chunk of subjects at a time: the raw tensor of each chunk goes to
+    ``sink``; returns the spec (fit_transform's, its means and stds to float64 rounding) and the
+    samples in the chunks' order (sorted by subject_id, stably), columns :data:`SAMPLE_COLUMNS`
+    (``sample_index``: the label's row). ``progress``, if given, is called once per chunk read.
+
+    The events are read once: chunks are assembled with the layout chosen from the first chunk
+    holding train samples while the rest is read; if the whole train split chooses other codes
+    (a code near ``min_code_frequency``, say), every chunk is read and assembled again.
+    """
+    config = config or FeatureConfig()
+    dataset, samples = prepare_samples(dataset, labels, splits)
+    _require_train(samples, dataset)
+    samples = _sorted_samples(samples)
+    chunks = _plan_chunks(dataset, samples, chunk_samples)
+    is_train = (samples["split"] == "train").to_numpy()
+    tick = progress or (lambda: None)
+    tally, assembler = _CodeTally(), _Assembler(sink, is_train)
+    try:
+        _assemble_all(chunks, samples, config, assembler, tally, tick)
+        layout, seen = tally.layout(config)
+        if not _same_layout(layout, assembler.layout):  # the guess was wrong: once more, with the layout
+            assembler.start(layout)
+            _assemble_all(chunks, samples, config, assembler, None, tick)
+    finally:
+        assembler.close()
+    _warn_unseen(sorted(tally.codes - set(seen)))
+    statistics = assembler.statistics
+    if statistics.needs_low:  # a median outside its window: the train rows once more
+        for k, chunk in enumerate(chunks):
+            rows = is_train[chunk.start:chunk.stop]
+            if rows.any():
+                X, padded = sink.read(k)
+                statistics.add_low(X, padded, rows)
+    spec = _fitted_spec(layout, seen, statistics.result(), dataset, tally.n_train_subjects, int(is_train.sum()))
+    return spec, samples.select(SAMPLE_COLUMNS)
+
+
+def transform_chunked(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
+                      spec: FeatureSpec | str | os.PathLike, sink: RawChunkSink, chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
+                      progress=None) -> pl.DataFrame:
+    """:func:`transform` a chunk of subjects at a time into ``sink`` (one pass over the events);
+    returns the samples in the chunks' order, as :func:`fit_transform_chunked` does."""
+    if not isinstance(spec, FeatureSpec):
+        spec = FeatureSpec.load(spec)
+    dataset, samples = prepare_samples(dataset, labels)
+    samples = _sorted_samples(samples)
+    chunks = _plan_chunks(dataset, samples, chunk_samples)
+    tally, assembler = _CodeTally(counts=False), _Assembler(sink, None)
+    try:
+        assembler.start(_layout_from_spec(spec))
+        _assemble_all(chunks, samples, spec.config, assembler, tally, progress or (lambda: None))
+    finally:
+        assembler.close()
+    _warn_unseen(sorted(tally.codes - set(spec.seen_codes)))
+    return samples.select(SAMPLE_COLUMNS)
+
+
+def apply_spec(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """A raw chunk (what a :class:`RawChunkSink` receives) -> model-ready values, in place: the
+    train medians imputed, standardized, the padding zeroed; elementwise, so any block of rows
+    gets the very values ``fit_transform`` holds."""
+    return _finish(X, padded, spec)
+
+
+def sequence_tensors(X: np.ndarray, observed: np.ndarray, samples: pl.DataFrame, spec: FeatureSpec) -> SequenceTensors:
+    """SequenceTensors of finished rows X with their samples (``subject_id, prediction_time,
+    boolean_value, split``, one row each)."""
+    return _tensors(X, observed, samples, spec)

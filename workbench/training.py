@@ -4,6 +4,12 @@
 train split with Keras, and after every epoch scores the tuning split with scikit-learn
 (AUROC, AUPRC). Early stopping watches one of them and the weights of the best epoch are
 restored at the end. The same seed gives the same weights, hence the same metrics, on CPU.
+
+``X`` may be an array or a *sequence source* too large for memory (anything with ``shape`` and
+``read_rows(positions) -> float32 [n, T, F]``, e.g. :meth:`workbench.shards.ShardedTensors.view`):
+training then streams batches from it through :class:`SequenceBatches`, which shuffles exactly
+as Keras shuffles arrays on the torch backend, so the same seed gives the same batches and the
+same model either way; scoring (:func:`predict_risk`, the tuning metrics) reads it block by block.
 """
 
 from __future__ import annotations
@@ -57,21 +63,92 @@ class TrainResult:
         return self.history[self.best_epoch - 1]
 
 
-def predict_risk(model: keras.Model, X: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Risk [N] for sequences X [N, T, F], in inference mode (no dropout, no gradients).
+def is_sequence_source(X) -> bool:
+    """Whether X is read by rows (``read_rows``) rather than held as an array."""
+    return hasattr(X, "read_rows") and hasattr(X, "shape")
+
+
+def _require_finite(name: str, X: np.ndarray) -> None:
+    if not np.isfinite(X).all():
+        raise WorkbenchError(f"{name} contains NaN or infinite values; fill them in the feature step")
+
+
+def _read(X, rows: slice | np.ndarray, name: str = "X") -> np.ndarray:
+    """Rows (a slice or positions) of an array or of a sequence source; a source's rows are
+    checked finite as they are read (an array is checked whole by :func:`check_split`)."""
+    if not is_sequence_source(X):
+        return X[rows]
+    if isinstance(rows, slice):
+        rows = np.arange(*rows.indices(len(X)))
+    block = np.asarray(X.read_rows(rows), dtype=np.float32)
+    _require_finite(name, block)
+    return block
+
+
+def predict_risk(model: keras.Model, X, batch_size: int = 1024) -> np.ndarray:
+    """Risk [N] for sequences X [N, T, F] (an array or a sequence source), in inference mode (no
+    dropout, no gradients).
 
     Calls the model batch by batch rather than ``model.predict``, which adds per-call
     overhead that matters when the tuning split is scored every epoch.
     """
     import torch
 
-    X = np.asarray(X, dtype=np.float32)
+    if not is_sequence_source(X):
+        X = np.asarray(X, dtype=np.float32)
     out = np.empty(len(X), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, len(X), batch_size):
-            batch = keras.ops.convert_to_tensor(X[start : start + batch_size])
+            batch = keras.ops.convert_to_tensor(_read(X, slice(start, start + batch_size)))
             out[start : start + batch_size] = keras.ops.convert_to_numpy(model(batch, training=False))[:, 0]
     return out
+
+
+class SequenceBatches(keras.utils.PyDataset):
+    """``(x, y)`` or ``(x, y, sample_weight)`` batches read from a sequence source, for
+    ``model.fit``: only one batch is in memory at a time.
+
+    The order is Keras's for arrays on the torch backend (``torch.utils.data.RandomSampler``):
+    at each epoch's first batch a seed is drawn from torch's global generator, at the same point
+    of the epoch as the sampler draws it, and a ``torch.randperm`` of that seed orders the rows;
+    batches are consecutive slices of it, the last one partial. So ``model.fit`` on this and on
+    the arrays gives the same batches, hence the same weights (``tests/test_shards.py``).
+    Batches are read in the training loop's thread (``workers=1``): the reads are small next to
+    a training step.
+    """
+
+    def __init__(self, X, y: np.ndarray, batch_size: int, sample_weight: np.ndarray | None = None,
+                 shuffle: bool = True, name: str = "train"):
+        super().__init__()
+        self.X, self.y, self.sample_weight = X, np.asarray(y, dtype=np.float32), sample_weight
+        self.batch_size, self.shuffle, self.name = batch_size, shuffle, name
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def _epoch_order(self) -> np.ndarray:
+        import torch
+
+        n = len(self.y)
+        if not self.shuffle:
+            return np.arange(n)
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as RandomSampler.__iter__
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return torch.randperm(n, generator=generator).numpy()
+
+    def __getitem__(self, index: int):
+        if index == 0 or self._order is None:
+            self._order = self._epoch_order()
+        rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = _read(self.X, rows, f"{self.name} X")
+        if self.sample_weight is None:
+            return x, self.y[rows]
+        return x, self.y[rows], self.sample_weight[rows]
+
+    def on_epoch_end(self) -> None:
+        self._order = None
 
 
 def tuning_metrics(y_true: np.ndarray, risk: np.ndarray) -> dict[str, float]:
@@ -117,9 +194,10 @@ def balanced_sample_weights(y: np.ndarray) -> np.ndarray:
     return (len(y) / (2.0 * counts))[y].astype(np.float32)
 
 
-def check_split(name: str, X: np.ndarray, y: np.ndarray) -> None:
-    """Fail early, naming the split, on shapes or labels that would break training."""
-    if X.ndim != 3:
+def check_split(name: str, X, y: np.ndarray) -> None:
+    """Fail early, naming the split, on shapes or labels that would break training (a sequence
+    source's values are checked batch by batch as they are read)."""
+    if len(X.shape) != 3:
         raise WorkbenchError(f"{name} X must be [N, T, F], got shape {X.shape}")
     if len(X) != len(y):
         raise WorkbenchError(f"{name} X has {len(X)} rows but y has {len(y)}")
@@ -127,25 +205,29 @@ def check_split(name: str, X: np.ndarray, y: np.ndarray) -> None:
         raise WorkbenchError(f"{name} labels must be 0/1")
     if len(np.unique(y)) < 2:
         raise WorkbenchError(f"{name} split has only one class; AUROC and class weights need both")
-    if not np.isfinite(X).all():
-        raise WorkbenchError(f"{name} X contains NaN or infinite values; fill them in the feature step")
+    if not is_sequence_source(X):
+        _require_finite(f"{name} X", X)
 
 
 def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    X_train: np.ndarray,
+    X_train,
     y_train: np.ndarray,
-    X_tune: np.ndarray,
+    X_tune,
     y_tune: np.ndarray,
     on_epoch_end: EpochHook | None = None,
 ) -> TrainResult:
     """Train a sequence risk model and return it with the best tuning epoch's weights.
 
-    ``on_epoch_end(epoch, metrics)`` is called after each epoch (1-based) with that epoch's
-    history entry, e.g. to log it to MLflow.
+    ``X_train`` and ``X_tune`` are arrays [N, T, F] or sequence sources (streamed by batch; see
+    the module docstring). ``on_epoch_end(epoch, metrics)`` is called after each epoch (1-based)
+    with that epoch's history entry, e.g. to log it to MLflow.
     """
-    X_train, X_tune = np.asarray(X_train, np.float32), np.asarray(X_tune, np.float32)
+    if not is_sequence_source(X_train):
+        X_train = np.asarray(X_train, np.float32)
+    if not is_sequence_source(X_tune):
+        X_tune = np.asarray(X_tune, np.float32)
     y_train, y_tune = np.asarray(y_train).astype(np.float32), np.asarray(y_tune).astype(np.float32)
     check_split("train", X_train, y_train)
     check_split("tuning", X_tune, y_tune)
@@ -170,17 +252,22 @@ def train(
         restore_best_weights=True,
     )
     started = time.perf_counter()
+    callbacks = [metrics, stopper]  # order matters: metrics fill the logs stopper reads
     try:
-        model.fit(
-            X_train,
-            y_train,
-            sample_weight=sample_weight,
-            batch_size=train_config.batch_size,
-            epochs=train_config.epochs,
-            shuffle=True,
-            callbacks=[metrics, stopper],  # order matters: metrics fill the logs stopper reads
-            verbose=0,
-        )
+        if is_sequence_source(X_train):
+            batches = SequenceBatches(X_train, y_train, train_config.batch_size, sample_weight)
+            model.fit(batches, epochs=train_config.epochs, shuffle=False, callbacks=callbacks, verbose=0)
+        else:
+            model.fit(
+                X_train,
+                y_train,
+                sample_weight=sample_weight,
+                batch_size=train_config.batch_size,
+                epochs=train_config.epochs,
+                shuffle=True,
+                callbacks=callbacks,
+                verbose=0,
+            )
     finally:
         if progress_bar is not None:
             progress_bar.close()
