@@ -69,10 +69,8 @@ from IPython.display import Markdown, display
 
 from workbench import tracking
 from workbench.cohort import handed_over
-from workbench.evaluation import EvalConfig
 from workbench.experiment import run_model, save_model_run, threshold_markdown
-from workbench.models import ModelConfig
-from workbench.training import TrainConfig
+from workbench.settings import EvalConfig, ModelConfig, TrainConfig
 
 display(Markdown(tracking.store_description()))
 cohort = handed_over(cohort_dir, upstream, task, data, features)

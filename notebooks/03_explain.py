@@ -49,8 +49,8 @@ output_dir = None
 from IPython.display import Markdown, display
 
 from workbench import tracking
-from workbench.explain import ExplainConfig
 from workbench.explanations import choose_run_to_explain, explain_run
+from workbench.settings import ExplainConfig
 
 display(Markdown(tracking.store_description()))
 chosen = choose_run_to_explain(run_id, upstream, task)

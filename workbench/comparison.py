@@ -107,7 +107,7 @@ def sequence_vs_reference(table: pl.DataFrame, predictions: dict[str, pl.DataFra
     held-out split is not used to choose), then compared on held-out with a paired patient-level
     bootstrap of the AUROC difference."""
     from workbench.evaluation import EvalConfig, paired_auroc_difference
-    from workbench.experiment import SEQUENCE_KINDS
+    from workbench.settings import SEQUENCE_KINDS
 
     ranked = table.filter(pl.col(record.TUNING_AUROC).is_not_null()).sort(record.TUNING_AUROC, descending=True)
     sequence = ranked.filter(pl.col("model").is_in(list(SEQUENCE_KINDS)))

@@ -100,13 +100,13 @@ def split_settings(settings: dict, configs: dict) -> dict:
 NOTEBOOK_CONFIGS: dict[str, dict] = {
     "01_cohort": {"dicts": {"features": "workbench.features:FeatureConfig"}},
     "02_train": {
-        "fields": ("workbench.models:ModelConfig", "workbench.training:TrainConfig", "workbench.evaluation:EvalConfig"),
+        "fields": ("workbench.settings:ModelConfig", "workbench.settings:TrainConfig", "workbench.settings:EvalConfig"),
         "dicts": {"features": "workbench.features:FeatureConfig"},
-        "choices": {"model": "workbench.experiment:MODEL_KINDS"},
+        "choices": {"model": "workbench.settings:MODEL_KINDS"},
     },
     "03_explain": {
-        "fields": ("workbench.explain:ExplainConfig",),
-        "dicts": {"explain_settings": "workbench.explain:ExplainConfig"},
+        "fields": ("workbench.settings:ExplainConfig",),
+        "dicts": {"explain_settings": "workbench.settings:ExplainConfig"},
     },
 }
 _SCALARS = (bool, int, float, str)

@@ -21,9 +21,8 @@ import polars as pl
 
 from workbench import record, tracking
 from workbench.errors import WorkbenchError
-from workbench.evaluation import EvalConfig, EvaluationResult, evaluate, format_with_ci
-from workbench.models import ModelConfig
-from workbench.training import TrainConfig
+from workbench.evaluation import EvaluationResult, evaluate, format_with_ci
+from workbench.settings import MODEL_KINDS, EvalConfig, ModelConfig, TrainConfig
 
 CV_PREFIX = "cv_"  # metric prefix of a cross-validation run (pooled out-of-fold)
 
@@ -94,7 +93,7 @@ def cross_validate(
     from workbench.cohort import feature_config
     from workbench.data.datasets import resolve
     from workbench.data.validate import require_valid_cached
-    from workbench.experiment import MODEL_KINDS, fit_model, horizon_days, inputs, not_applicable, recalibrate
+    from workbench.experiment import fit_model, horizon_days, inputs, not_applicable, recalibrate
     from workbench.features import fit_transform
     from workbench.tasks import load_task, make_labels
 

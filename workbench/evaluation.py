@@ -29,7 +29,6 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import sparse
 from scipy.special import expit
 from sklearn.metrics import (
@@ -41,6 +40,7 @@ from sklearn.metrics import (
 )
 
 from workbench.errors import WorkbenchError
+from workbench.settings import EvalConfig
 
 #: Metrics reported with a bootstrap CI, in report order.
 METRICS: tuple[str, ...] = (
@@ -79,79 +79,6 @@ _LOGIT_GROUPS = 400
 _MAX_BLOCK_CELLS = 5_000_000
 
 
-class EvalConfig(BaseModel):
-    """How a model is evaluated on the held-out split."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    threshold: float | Literal["youden", "prevalence"] = Field(
-        default="youden",
-        description=(
-            "Risk at or above which a sample is flagged positive (sensitivity, specificity, PPV, NPV). "
-            "A number in [0, 1], or a rule chosen on the tuning split and then held fixed on held-out: "
-            "'youden' (maximises sensitivity + specificity - 1) or 'prevalence' (flags risks at or above "
-            "the tuning outcome rate). evaluate() called on its own applies a rule to the data it is given."
-        ),
-    )
-    recalibration: Literal["platt", "isotonic", "none"] = Field(
-        default="platt",
-        description=(
-            "Map from a fitted model's risk to a probability, fitted on the tuning split and saved inside the "
-            "model: platt (logistic on the logit; folded into a network's last layer, so SHAP explains the "
-            "calibrated risk), isotonic (a step function applied after the model), or none. The published Mayo "
-            "score is never recalibrated."
-        ),
-    )
-    n_bootstrap: int = Field(
-        default=1000,
-        ge=0,
-        le=100_000,
-        description="Bootstrap resamples for the confidence intervals; 0 disables CIs.",
-    )
-    ci: float = Field(
-        default=0.95,
-        gt=0.5,
-        lt=1.0,
-        description="Coverage of the percentile bootstrap confidence interval.",
-    )
-    seed: int = Field(default=0, ge=0, description="Seed of the bootstrap random generator.")
-    n_calibration_bins: int = Field(
-        default=10,
-        ge=2,
-        le=100,
-        description="Bins of predicted risk for the calibration curve and the ECE.",
-    )
-    calibration_strategy: Literal["uniform", "quantile"] = Field(
-        default="uniform",
-        description=(
-            "'uniform': equal-width bins on [0, 1]; 'quantile': bins holding equal numbers "
-            "of samples (as sklearn.calibration.calibration_curve)."
-        ),
-    )
-    age_bands: list[float] = Field(
-        default_factory=lambda: [0.0, 50.0, 65.0, 200.0],
-        description=(
-            "Age band edges in years, strictly increasing; a numeric 'age' entry in "
-            "evaluate(groups=...) is reported as the subgroup 'age_band' with labels "
-            "such as '<50', '50-65', '>=65'."
-        ),
-    )
-
-    @field_validator("threshold")
-    @classmethod
-    def _threshold_is_a_probability(cls, value):
-        if isinstance(value, float) and not 0.0 <= value <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {value}")
-        return value
-
-    @field_validator("age_bands")
-    @classmethod
-    def _age_bands_increase(cls, value: list[float]) -> list[float]:
-        if len(value) < 3 or any(b <= a for a, b in zip(value, value[1:])):
-            raise ValueError(
-                "age_bands must be at least 3 strictly increasing edges, e.g. [0, 50, 65, 200]"
-            )
-        return value
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable
 
 import mlflow
 import numpy as np
@@ -19,7 +19,7 @@ import polars as pl
 
 from workbench import record, tracking
 from workbench.errors import WorkbenchError
-from workbench.evaluation import EvalConfig, EvaluationResult, decision_curve, evaluate, format_with_ci, threshold_table
+from workbench.evaluation import EvaluationResult, decision_curve, evaluate, format_with_ci, threshold_table
 from workbench.features import SequenceTensors
 from workbench.calibration import Recalibration, fit_recalibration
 from workbench.references import (
@@ -31,15 +31,9 @@ from workbench.references import (
 )
 from workbench.plots import calibration_plot, decision_curve_plot, pr_curve_plot, roc_curve_plot, training_curves_plot
 from workbench.tasks import TaskSpec, load_task
-from workbench.training import TrainConfig
+from workbench.settings import MODEL_KINDS, EvalConfig, ModelConfig, SEQUENCE_KINDS, TABULAR_KINDS, ModelKind, TrainConfig
 
-if TYPE_CHECKING:
-    from workbench.models import ModelConfig
 
-ModelKind = Literal["lstm", "gru", "rnn", "logistic", "gbt", "mayo"]
-SEQUENCE_KINDS = ("lstm", "gru", "rnn")
-TABULAR_KINDS = ("logistic", "gbt")  # references on the whole history's tabular features
-MODEL_KINDS = SEQUENCE_KINDS + TABULAR_KINDS + ("mayo",)
 
 
 @dataclass
@@ -114,7 +108,6 @@ def fit_model(
     """Fit ``kind`` on the train split (early stopping and any choice on tuning); the Mayo score fits nothing."""
     train_split, tune_split = tensors.by_split("train"), tensors.by_split("tuning")
     if kind in SEQUENCE_KINDS:
-        from workbench.models import ModelConfig
         from workbench.training import predict_risk, train
 
         config = (model_config or ModelConfig()).model_copy(update={"kind": kind})
@@ -291,7 +284,6 @@ def run_model(
     task = load_task(task)
     tracking.setup()
     if kind in SEQUENCE_KINDS:
-        from workbench.models import ModelConfig
 
         model_config = (model_config or ModelConfig()).model_copy(update={"kind": kind})
     else:

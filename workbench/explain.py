@@ -71,18 +71,16 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import numpy as np
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from workbench.errors import WorkbenchError
+from workbench.settings import ExplainConfig, OutputSpace
 from workbench.record import EXPLAIN_CHECK_TAG_PREFIX, EXPLAIN_VERDICT_TAG
 
-OutputSpace = Literal["probability", "logit"]
 
 # Relative additivity errors divide by |output - base|; below this floor (in output units)
 # the difference is too small for a ratio to mean anything, so the floor is the divisor.
@@ -92,100 +90,6 @@ ADDITIVITY_FLOOR = 1e-3
 _LOGIT_EPS = 1e-6
 
 
-class ExplainConfig(BaseModel):
-    """How explanations are computed and checked (one field per knob, YAML-loadable)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_background: int = Field(
-        16, ge=1, le=4096, description="Background sequences drawn from the train split; each explained sequence is integrated from every one."
-    )
-    background_selection: Literal["random", "kmeans"] = Field(
-        "kmeans",
-        description="random: uniform draw of train sequences; kmeans: the train sequence nearest each k-means centroid (real sequences, spread over the data).",
-    )
-    alphas_per_background: int = Field(
-        8,
-        ge=1,
-        le=256,
-        description="Interpolation points per background row; gradient evaluations per sequence = n_background * alphas_per_background.",
-    )
-    alpha_scheme: Literal["adaptive", "stratified", "gauss_legendre", "uniform"] = Field(
-        "adaptive",
-        description=(
-            "adaptive: alphas drawn where a forward-only grid along each path shows the output changing (importance sampling); "
-            "stratified: shuffled midpoint grid over all evaluations (Latin hypercube); "
-            "gauss_legendre: the same Gauss-Legendre nodes on every row; uniform: i.i.d. like shap."
-        ),
-    )
-    path_grid: int = Field(
-        8, ge=1, le=256, description="adaptive scheme: forward-only evaluations per path (grid cells) that locate where the output changes."
-    )
-    adaptive_pooled: bool = Field(
-        True,
-        description="adaptive scheme: spread the n_background * alphas_per_background draws over all paths by output change (True) or give every path the same number (False).",
-    )
-    uniform_share: float = Field(
-        0.5, gt=0.0, le=1.0, description="adaptive scheme: share of the sampling density spread uniformly over the path (keeps every alpha reachable, so the estimate stays unbiased)."
-    )
-    output_space: OutputSpace = Field("probability", description="Space the attributions sum in: probability (risk) or logit (log-odds).")
-    batch_size: int = Field(256, ge=1, le=1_000_000, description="Sequences per streamed batch (what iter_explanations yields at a time).")
-    max_rows_per_pass: int = Field(
-        4096, ge=1, le=1_000_000, description="Model rows per forward-only pass; bounds the memory of intermediates."
-    )
-    gradient_rows_per_pass: int = Field(
-        128,
-        ge=1,
-        le=1_000_000,
-        description="Model rows per gradient (forward + backward) pass, at least one sequence's draws; small passes stay in CPU cache.",
-    )
-    completeness: Literal["regression", "none"] = Field(
-        "regression",
-        description=(
-            "regression: each cell's contribution over the draws is regressed on the draw's total, whose true value (output - base) is known, "
-            "and corrected by it (a control variate: lower error, and attributions that sum to output - base exactly); none: the plain estimate."
-        ),
-    )
-    seed: int = Field(0, description="Seeds background selection, alpha grids, reference permutations and deletion draws.")
-    progress: bool = Field(True, description="Show a tqdm progress bar while explaining.")
-    reference_samples: int = Field(20, ge=0, le=10_000, description="Sequences that get the exact per-step reference in check_explanation (0 skips it).")
-    reference_method: Literal["permutation", "kernel"] = Field(
-        "permutation",
-        description="Exact reference estimator: permutation (shap.PermutationExplainer, antithetic) or kernel (shap.KernelExplainer, TimeSHAP's method).",
-    )
-    reference_permutations: int = Field(
-        10, ge=1, le=10_000, description="Antithetic permutation pairs per sequence for the permutation reference."
-    )
-    reference_kernel_samples: int = Field(
-        2048, ge=16, le=1_000_000, description="Coalitions per sequence for the kernel reference (shap adds 2 * players)."
-    )
-    deletion_k: list[int] = Field(
-        [1, 2, 3, 5], description="Numbers of steps removed in the deletion test (top-k by |attribution| vs k random real steps)."
-    )
-    deletion_samples: int = Field(200, ge=0, le=1_000_000, description="Sequences used for the deletion test (0 skips it).")
-    deletion_random_draws: int = Field(4, ge=1, le=1000, description="Random step sets per sequence and k in the deletion test.")
-    # Verdict thresholds (check_verdicts): one place for each default.
-    max_additivity_error: float = Field(
-        0.05, ge=0.0, description="PASS when the mean relative additivity error |sum(shap) - (output - base)| / |output - base| is at most this."
-    )
-    min_reference_pearson: float = Field(
-        0.9, ge=-1.0, le=1.0, description="PASS when the mean Pearson correlation of per-step totals with the exact reference is at least this."
-    )
-    min_reference_top3_overlap: float = Field(
-        0.8, ge=0.0, le=1.0, description="PASS when the mean share of the reference's top-3 steps (by |value|) that the fast path also ranks top-3 is at least this."
-    )
-    min_deletion_win_rate: float = Field(
-        0.6,
-        ge=0.0,
-        le=1.0,
-        description="PASS when removing the top-k steps by |attribution| moves the output more than removing k random real steps for at least this share of (sequence, k) pairs (about 0.5 or less for a ranking no better than chance).",
-    )
-    min_deletion_agreement: float = Field(
-        0.6,
-        ge=-1.0,
-        le=1.0,
-        description="PASS when the mean per-sequence Pearson correlation between the predicted change (sum of the removed steps' SHAP) and the actual change in output, over the removed step sets, is at least this.",
-    )
 
 
 @dataclasses.dataclass

@@ -16,7 +16,8 @@ import polars as pl
 
 from workbench import record, tracking
 from workbench.errors import WorkbenchError
-from workbench.experiment import SEQUENCE_KINDS, best_sequence_run, model_run_tags, tensors_for_run
+from workbench.experiment import best_sequence_run, model_run_tags, tensors_for_run
+from workbench.settings import SEQUENCE_KINDS
 from workbench.features import SequenceTensors
 from workbench.files import write_parquet_atomic
 

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 # Keras reads KERAS_BACKEND at its first import; workbench/__init__.py (which runs before this
 # module) sets it to workbench.KERAS_BACKEND, torch.
 import keras
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import WorkbenchError
+from workbench.settings import ModelConfig
 
 # Estimators pickled before the references moved out name their class here (workbench.models.X).
 from workbench.references import GradientBoostedReference, LogisticReference  # noqa: F401
 
-RecurrentKind = Literal["lstm", "gru", "rnn"]
 
 _TORCH_MODULES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 _KERAS_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
@@ -46,23 +44,6 @@ _KERAS_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": kera
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
-class ModelConfig(BaseModel):
-    """Architecture and optimizer of a sequence risk model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: RecurrentKind = Field("lstm", description="Recurrent layer: lstm, gru or rnn (SimpleRNN).")
-    units: int = Field(64, ge=1, le=2048, description="Hidden units per recurrent layer (per direction).")
-    layers: int = Field(1, ge=1, le=8, description="Number of stacked recurrent layers.")
-    dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Fraction of each recurrent layer's input features dropped in training (same mask at every step)."
-    )
-    recurrent_dropout: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Dropout on the recurrent state; > 0 switches to Keras's slower per-step layers."
-    )
-    bidirectional: bool = Field(False, description="Also read the sequence backwards and concatenate both directions.")
-    head_units: int = Field(0, ge=0, le=4096, description="Units of an optional ReLU dense layer before the risk output (0 = none).")
-    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate.")
 
 
 @keras.saving.register_keras_serializable(package="workbench")

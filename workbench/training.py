@@ -16,36 +16,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import keras  # its backend is torch: workbench/__init__.py, run before this module, chose it
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import WorkbenchError
+from workbench.settings import TrainConfig
 from workbench.models import ModelConfig, build_model
 
 EpochHook = Callable[[int, dict], None]
 
 
-class TrainConfig(BaseModel):
-    """How a sequence model is trained."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(30, ge=1, le=10_000, description="Maximum number of passes over the train split.")
-    batch_size: int = Field(256, ge=1, le=1_000_000, description="Sequences per gradient step.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds initial weights, shuffling and dropout; same seed, same result on CPU.")
-    early_stopping_metric: Literal["auroc", "auprc"] = Field(
-        "auroc", description="Tuning-split metric that picks the best epoch and stops training."
-    )
-    patience: int = Field(5, ge=1, le=10_000, description="Epochs without improvement of the metric before stopping.")
-    class_weight: Literal["balanced"] | None = Field(
-        None,
-        description="null weighs samples equally (the loss then targets probabilities); 'balanced' weighs each class "
-        "inversely to its frequency in the train split, which inflates every risk (recalibration undoes part of it).",
-    )
-    progress: bool = Field(True, description="Show a progress bar over epochs with the loss and tuning metrics.")
 
 
 @dataclass
