@@ -65,7 +65,8 @@ def run_pipeline(
     ensure_kernelspec()
     # The kernel environment pinned for the whole run: execute_step sets and restores it per
     # execution, which is thread-safe only while the saved value is this same one.
-    with kernel_environment(tracking.setup()), pipeline_run(pipeline, tags) as run:
+    threads = max(1, default_workers() // min(workers, len(pipeline.executions) or 1))
+    with kernel_environment(tracking.setup(), threads), pipeline_run(pipeline, tags) as run:
         _run_all(run, force, Progress(console, len(pipeline.executions)), workers)
     return run.result
 

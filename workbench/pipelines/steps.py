@@ -58,9 +58,15 @@ def ensure_kernelspec() -> str:
 
 
 @contextmanager
-def kernel_environment(uri: str) -> Iterator[None]:
-    """The kernel inherits our environment; pin the tracking store so the notebook logs where we do."""
+def kernel_environment(uri: str, threads: Optional[int] = None) -> Iterator[None]:
+    """The kernel inherits our environment; pin the tracking store so the notebook logs where we do.
+
+    ``threads``: the compute threads each kernel may use (torch, LightGBM, BLAS read
+    ``OMP_NUM_THREADS``), so kernels side by side share the cores instead of each spinning
+    threads on all of them; a value the user set is kept."""
     wanted = {"MLFLOW_TRACKING_URI": uri, "WORKBENCH_HOME": str(tracking.project_home())}
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        wanted["OMP_NUM_THREADS"] = str(threads)
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:
