@@ -230,7 +230,18 @@ def log_data_input(dataset_root: str | os.PathLike, fingerprint: str, task: str)
     local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
     source = local(str(Path(dataset_root).resolve()))
     name = f"{task}:{Path(dataset_root).name}"
-    mlflow.log_input(MetaDataset(source, name=name, digest=fingerprint[:40]), context="training")
+    dataset = MetaDataset(source, name=name, digest=fingerprint[:40])
+    # MLflow finds-or-creates the experiment's dataset row in two statements: two model runs of a
+    # matrix logging the same data at the same moment collide on its unique key. The loser's
+    # transaction is rolled back; on the next try the row exists and is reused.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            duplicate = "UNIQUE constraint failed: datasets" in str(exc) or "duplicate key value" in str(exc)
+            if not duplicate or attempt == 2:
+                raise
 
 
 def log_cohort_report(report) -> None:
