@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workbench.config import check_notebook_parameters, validation_message
+from workbench.config import check_notebook_parameters, validated
 from workbench.errors import WorkbenchError
 
 #: Parameters the engine injects into a notebook that declares them in its parameters cell.
@@ -185,9 +185,9 @@ def _parse_spec(source: _YamlSource) -> PipelineSpec:
     if not isinstance(source.data, dict):
         raise WorkbenchError(f"{source.at()}: a pipeline file is a mapping with name and steps")
     try:
-        return PipelineSpec.model_validate(source.data)
-    except ValidationError as exc:
-        raise WorkbenchError("invalid pipeline:\n" + validation_message(str(source.path), exc, lambda loc: source.at(*loc))) from None
+        return validated(PipelineSpec, source.data, str(source.path), lambda loc: source.at(*loc))
+    except WorkbenchError as exc:
+        raise WorkbenchError(f"invalid pipeline:\n{exc}") from None
 
 
 # --- validation and planning -----------------------------------------------------------
