@@ -101,3 +101,31 @@ def test_the_checker_finds_what_it_should(tmp_path, sources, circle, private):
     edges, found_private = import_graph(modules(root))
     assert (cycle(edges) is not None) == circle
     assert bool(found_private) == private
+
+
+def test_what_a_reference_step_and_load_pipeline_import_needs_no_torch():
+    """The configs, the model kinds, a reference's model run, cohort, compare and pipeline loading
+    import without torch or keras: each kernel that fits no network skips their start-up cost."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workbench.settings, workbench.experiment, workbench.cohort, workbench.comparison, "
+            "workbench.pipelines, workbench.references, workbench.config; "
+            "print(sorted(m for m in ('torch', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"imported {out}"
+
+
+def test_parallel_kernels_get_their_share_of_the_cores(monkeypatch):
+    """Kernels side by side each get OMP_NUM_THREADS = their share; a value the user set is kept."""
+    import os
+
+    from workbench.pipelines import kernel_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with kernel_environment("sqlite:///x.db", threads=1):
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with kernel_environment("sqlite:///x.db", threads=1):
+        assert os.environ["OMP_NUM_THREADS"] == "7"
