@@ -298,6 +298,35 @@ def lab_command(
 # --- model commands (predict, explain) ---
 
 
+@app.command("map-shards")
+@reports_errors
+def map_shards(
+    data: Path = typer.Argument(..., help="MEDS dataset root (the same path on every worker)."),
+    labels: Path = typer.Option(..., "--labels", help="Labels parquet (subject_id, prediction_time, boolean_value)."),
+    spec: Path = typer.Option(..., "--spec", help="feature_spec.json fitted on the train split (never refitted)."),
+    out: Path = typer.Option(..., "--out", help="Shard folder to write (replaced when complete)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Keras .keras model: also write scores.parquet."),
+    chunk_samples: int = typer.Option(32_768, "--chunk-samples", help="Samples per chunk (one task, one shard)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Rows per scoring batch."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds to wait for the chunks (default: no limit)."),
+) -> None:
+    """Tensorize (and score) a dataset chunk by chunk on the team's Prefect task workers."""
+    from workbench import features as ft
+    import warnings
+
+    from workbench.shard_map import map_shards as run_map
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ft.UnseenCodesWarning)
+        summary = run_map(data, labels, spec, out, model, chunk_samples=chunk_samples, batch_size=batch_size,
+                             timeout_s=timeout)
+    for w in caught:
+        if issubclass(w.category, ft.UnseenCodesWarning):
+            console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+    typer.echo(f"wrote {summary['out']}: {summary['rows']} rows in {summary['chunks']} shard(s), "
+               f"run by {len(summary['workers'])} worker process(es): {', '.join(summary['workers'])}")
+
+
 @app.command()
 @reports_errors
 def predict(

@@ -1460,6 +1460,46 @@ def transform_chunked(dataset: MedsDataset | str | os.PathLike, labels: pl.DataF
     return samples.select(SAMPLE_COLUMNS)
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One chunk of :func:`transform_chunked`, as plain data (what another process needs to redo
+    it): rows ``start..stop`` of the subject-sorted samples, subjects ``lo..hi``, read from the
+    event ``files`` (None: every event file)."""
+
+    start: int
+    stop: int
+    lo: int
+    hi: int
+    files: tuple[str, ...] | None = None
+
+
+def plan_transform_chunks(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame | str | os.PathLike,
+                          chunk_samples: int = DEFAULT_CHUNK_SAMPLES) -> tuple[pl.DataFrame, list[ChunkPlan]]:
+    """The samples (:data:`SAMPLE_COLUMNS`, in chunk order) and the chunks that
+    :func:`transform_chunked` makes of ``labels``; :func:`transform_chunk` computes one of them."""
+    dataset, samples = prepare_samples(dataset, labels)
+    samples = _sorted_samples(samples)
+    plans = []
+    for chunk in _plan_chunks(dataset, samples, chunk_samples):
+        source = chunk.events.source
+        files = tuple(str(p) for p in source.files) if isinstance(source, _Files) else None
+        plans.append(ChunkPlan(chunk.start, chunk.stop, chunk.events.lo, chunk.events.hi, files))
+    return samples.select(SAMPLE_COLUMNS), plans
+
+
+def transform_chunk(dataset: MedsDataset | str | os.PathLike, samples: pl.DataFrame, chunk: ChunkPlan,
+                    spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """One chunk of :func:`transform_chunked`: its raw ``(X, observed, padded)`` (what the sink
+    receives) and the codes its events hold that ``spec`` never saw. ``samples`` are the chunk's
+    rows of :func:`plan_transform_chunks`'s samples."""
+    dataset = dataset if isinstance(dataset, MedsDataset) else MedsDataset(Path(dataset))
+    source = dataset if chunk.files is None else _Files(dataset.root, tuple(Path(f) for f in chunk.files))
+    part = samples.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_sample"))
+    read = _read_events(_ChunkEvents(source, chunk.lo, chunk.hi), part, spec.config)
+    X, observed, padded = _raw_for(read, part, _layout_from_spec(spec))
+    return X, observed, padded, _unseen_codes(read, spec.seen_codes)
+
+
 def apply_spec(X: np.ndarray, padded: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     """A raw chunk (what a :class:`RawChunkSink` receives) -> model-ready values, in place: the
     train medians imputed, standardized, the padding zeroed; elementwise, so any block of rows

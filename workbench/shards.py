@@ -77,6 +77,30 @@ def _decode_padding(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return last > 0, last < 0
 
 
+def shard_file(k: int) -> str:
+    """The file name of shard ``k``."""
+    return f"X-{k:05d}.npy"
+
+
+def encode_padding(X: np.ndarray, padded: np.ndarray) -> np.ndarray:
+    """A raw chunk as a shard stores it, in place: the observed channel 1 observed, 0 not, -1 left padding."""
+    X[..., -1][padded] = -1.0
+    return X
+
+
+def write_store_files(directory: Path, spec: ft.FeatureSpec, samples: pl.DataFrame,
+                      shards: Sequence[tuple[str, int]]) -> None:
+    """The files besides the shards (``(file, rows)`` in order) that make ``directory`` a store."""
+    spec.save(directory / ft.SPEC_FILE)
+    samples.write_parquet(directory / SAMPLES_FILE)
+    manifest = {
+        "format": SHARD_FORMAT, "version": 1, "shape": [samples.height, spec.config.n_steps, spec.n_features],
+        "shards": [{"file": f, "rows": r} for f, r in shards],
+        "feature_names": spec.feature_names, "splits": ft.split_counts(samples["split"].to_numpy()),
+    }
+    (directory / SHARDS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 class _ShardSink(ft.RawChunkSink):
     """Each raw chunk becomes one ``X-#####.npy``, written in a background thread while the next
     chunk is computed; at most one waits to be written, so memory holds at most two chunks."""
@@ -90,11 +114,11 @@ class _ShardSink(ft.RawChunkSink):
         self.pending: Future | None = None
 
     def write(self, k: int, X: np.ndarray, observed: np.ndarray, padded: np.ndarray) -> None:
-        X[..., -1][padded] = -1.0  # the observed channel: 1 observed, 0 not, -1 left padding
+        encode_padding(X, padded)
         self.wait()
         self.row_shape = X.shape[1:]
         while len(self.files) <= k:
-            self.files.append(f"X-{len(self.files):05d}.npy")
+            self.files.append(shard_file(len(self.files)))
             self.rows.append(0)
         self.rows[k] = len(X)
         self.pending = self.pool.submit(np.save, self.directory / self.files[k], X)
@@ -137,7 +161,6 @@ def write_shards(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame 
         raise WorkbenchError(f"write_shards: chunk_samples must be >= 1, got {chunk_samples}")
     if spec is not None and not isinstance(spec, ft.FeatureSpec):
         spec = ft.FeatureSpec.load(spec)
-    n_steps = (spec.config if spec is not None else (config or ft.FeatureConfig())).n_steps
     out = Path(out)
     tmp = temporary_directory_for(out)
     try:
@@ -153,14 +176,7 @@ def write_shards(dataset: MedsDataset | str | os.PathLike, labels: pl.DataFrame 
         finally:
             sink.close()
             bar.close()
-        spec.save(tmp / ft.SPEC_FILE)
-        samples.write_parquet(tmp / SAMPLES_FILE)
-        manifest = {
-            "format": SHARD_FORMAT, "version": 1, "shape": [samples.height, n_steps, spec.n_features],
-            "shards": [{"file": f, "rows": r} for f, r in zip(sink.files, sink.rows)],
-            "feature_names": spec.feature_names, "splits": ft.split_counts(samples["split"].to_numpy()),
-        }
-        (tmp / SHARDS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_store_files(tmp, spec, samples, list(zip(sink.files, sink.rows)))
         replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -298,6 +314,10 @@ class ShardedTensors:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """The store rows ``(start, stop)`` of each shard, in order."""
+        return self._reader.ranges()
 
     def rows(self, split: str) -> np.ndarray:
         """Store rows (sorted) of the samples in ``split``."""
