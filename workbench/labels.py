@@ -6,6 +6,11 @@ schema and values on their own (integer ids, real booleans, no nulls, no duplica
 times); :func:`check_labels_in_data` checks them against the events they will be read from
 (every subject present, every prediction time inside that subject's record). Each refusal is a
 :class:`WorkbenchError` naming the file, the column, how many rows and an example row.
+
+Survival labels (:func:`read_survival_labels`) add the MEDS label columns ``float_value`` (days
+from the prediction time to the event or censoring, > 0) and ``integer_value`` (the event type:
+:data:`EVENT_CENSORED`, :data:`EVENT_OUTCOME` or :data:`EVENT_COMPETING`); their
+``boolean_value`` is ``integer_value == EVENT_OUTCOME``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,26 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
 }
 INT64_MAX = 2**63 - 1
 
+#: Survival labels: the MEDS label column holding the days to the event or censoring (> 0) ...
+SURVIVAL_TIME_COLUMN = "float_value"
+#: ... and the one holding the event type (one of the EVENT_* codes below).
+SURVIVAL_EVENT_COLUMN = "integer_value"
+#: Event types of a survival label: censored (end of follow-up or the horizon came first), the
+#: outcome came first, a competing event came first.
+EVENT_CENSORED, EVENT_OUTCOME, EVENT_COMPETING = 0, 1, 2
+#: Columns (and polars dtypes) of survival labels in memory: the MEDS label schema's columns in its
+#: order. On disk ``float_value`` is float32, as ``meds.LabelSchema`` requires.
+SURVIVAL_LABEL_SCHEMA: dict[str, pl.DataType] = {
+    **LABEL_SCHEMA,
+    SURVIVAL_EVENT_COLUMN: pl.Int64(),
+    SURVIVAL_TIME_COLUMN: pl.Float64(),
+}
+
 
 def _example(frame: pl.DataFrame) -> str:
     row = frame.row(0, named=True)
-    return ", ".join(f"{k}={v}" for k, v in row.items() if k in LABEL_SCHEMA or k.startswith("first") or k.startswith("last"))
+    return ", ".join(f"{k}={v}" for k, v in row.items()
+                     if k in SURVIVAL_LABEL_SCHEMA or k.startswith("first") or k.startswith("last"))
 
 
 def _refuse(source: str, column: str | None, what: str, rows: pl.DataFrame | None = None, n: int | None = None) -> WorkbenchError:
@@ -125,6 +146,56 @@ def read_labels(labels: pl.DataFrame | str | os.PathLike, *, source: str | None 
         raise _refuse(source, "prediction_time", "the same (subject_id, prediction_time) appears more than once; "
                       "each prediction time must have one label", dup.sort("subject_id", "prediction_time").head(1), dup.height)
     return out
+
+
+def read_survival_labels(labels: pl.DataFrame | str | os.PathLike, *, source: str | None = None) -> pl.DataFrame:
+    """Survival labels as :data:`SURVIVAL_LABEL_SCHEMA` (``boolean_value`` = ``integer_value == 1``), checked.
+
+    Besides :func:`read_labels`' checks, refuses a missing ``float_value`` / ``integer_value``,
+    nulls in them, a time that is not a finite number of days > 0, an event type other than 0
+    (censored), 1 (outcome) or 2 (competing), and a ``boolean_value`` column that disagrees with
+    ``integer_value == 1``.
+    """
+    if isinstance(labels, pl.DataFrame):
+        df, source = labels, source or "labels"
+    else:
+        path = Path(labels)
+        df, source = _read_file(path), source or str(path)
+    needed = ("subject_id", "prediction_time", SURVIVAL_TIME_COLUMN, SURVIVAL_EVENT_COLUMN)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise WorkbenchError(f"{source}: missing column(s) {', '.join(map(repr, missing))} (has "
+                             f"{', '.join(df.columns) or 'none'}; survival labels: subject_id int64, prediction_time "
+                             "datetime[us], float_value (days to the event or censoring, > 0), integer_value "
+                             "(0 censored, 1 outcome, 2 competing))")
+    base = read_labels(df, source=source)
+    time, event = df[SURVIVAL_TIME_COLUMN], df[SURVIVAL_EVENT_COLUMN]
+    if not time.dtype.is_numeric():
+        raise _refuse(source, SURVIVAL_TIME_COLUMN, f"is {time.dtype}, but survival times are numbers of days (float)")
+    if not event.dtype.is_integer():
+        raise _refuse(source, SURVIVAL_EVENT_COLUMN, f"is {event.dtype}, but survival event types are integers "
+                      "(0 censored, 1 outcome, 2 competing)")
+    out = base.with_columns(pl.Series(SURVIVAL_EVENT_COLUMN, event).cast(pl.Int64, strict=False),
+                            pl.Series(SURVIVAL_TIME_COLUMN, time).cast(pl.Float64))
+    t, e = pl.col(SURVIVAL_TIME_COLUMN), pl.col(SURVIVAL_EVENT_COLUMN)
+    checks = [
+        (SURVIVAL_TIME_COLUMN, t.is_null(), "null values"),
+        (SURVIVAL_EVENT_COLUMN, pl.Series(event.is_null()), "null values"),
+        (SURVIVAL_TIME_COLUMN, ~t.is_finite() | (t <= 0), "times must be finite numbers of days > 0"),
+        (SURVIVAL_EVENT_COLUMN, e.is_null() | ~e.is_in([EVENT_CENSORED, EVENT_OUTCOME, EVENT_COMPETING]),
+         "event types must be 0 (censored), 1 (outcome) or 2 (competing)"),
+    ]
+    for column, is_bad, what in checks:
+        bad = out.filter(is_bad)
+        if bad.height:
+            raise _refuse(source, column, what, bad.head(1), bad.height)
+    derived = pl.col(SURVIVAL_EVENT_COLUMN) == EVENT_OUTCOME
+    if "boolean_value" in df.columns:
+        bad = out.filter(pl.col("boolean_value") != derived)
+        if bad.height:
+            raise _refuse(source, "boolean_value", "disagrees with integer_value == 1 (the outcome came first)",
+                          bad.head(1), bad.height)
+    return out.with_columns(boolean_value=derived).select(list(SURVIVAL_LABEL_SCHEMA))
 
 
 def check_labels_in_data(labels: pl.DataFrame, events: pl.LazyFrame, where: str, source: str = "labels") -> None:

@@ -16,6 +16,23 @@ Semantics (``t`` = prediction time, the inclusive end of usable data):
 * excluded if the outcome (or a competing event) already happened at or before ``t``, or if
   the outcome falls in the gap ``(t, t + gap]``.
 
+A task of ``kind: survival`` labels the same prediction times with *when* and *how* follow-up
+ended instead of a yes/no: ``float_value`` = days from ``t`` to the first of the next outcome,
+the next competing event, the end of follow-up and ``t + horizon`` (the maximum horizon:
+longer follow-up is administratively censored there), always > 0; ``integer_value`` = what came
+first: :data:`EVENT_OUTCOME` (1), :data:`EVENT_COMPETING` (2) or :data:`EVENT_CENSORED` (0, end
+of follow-up or the horizon). At one instant the outcome wins over a competing event, and either
+wins over the end of follow-up (they were observed). As in the binary kind, an outcome or
+competing event in the data counts even if recorded after the end-of-follow-up code (the end of
+follow-up censors only when neither came first within the horizon), so a binary task with horizon
+``h`` labels positive exactly the samples with ``integer_value == 1`` and ``float_value <= h``.
+``boolean_value`` = ``integer_value == 1``: the outcome within the horizon, so binary consumers
+still read a label. Censored and competing samples are kept (that is the
+point), so the rules ``censored_competing``/``censored_followup`` do not apply, and ``gap_days``
+must be 0; every eligibility rule does. ``categorical_value`` is not written (MEDS forbids nulls in
+it and the event type is already ``integer_value``). The cohort report adds life-table counts per
+year of follow-up (:class:`IntervalCount`).
+
 :func:`make_labels` evaluates every rule lazily with polars (one ``collect``) and records, for
 each candidate prediction time, the first rule that excluded it; the :class:`CohortReport`
 counts are derived from that, so they always add up.
@@ -26,6 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import importlib.resources
+import math
 import os
 import re
 import warnings
@@ -42,7 +60,18 @@ from workbench.data.meds_io import MedsDataset, open_dataset
 from workbench.config import check_regexes, read_yaml, validated
 from workbench.errors import WorkbenchError
 from workbench.files import write_parquet_atomic
-from workbench.labels import LABEL_SCHEMA, check_labels_in_data, read_labels
+from workbench.labels import (  # the survival constants and schema are part of this module's API too
+    EVENT_CENSORED,
+    EVENT_COMPETING,
+    EVENT_OUTCOME,
+    LABEL_SCHEMA,
+    SURVIVAL_EVENT_COLUMN,
+    SURVIVAL_LABEL_SCHEMA,
+    SURVIVAL_TIME_COLUMN,
+    check_labels_in_data,
+    read_labels,
+    read_survival_labels,
+)
 
 SPLIT_ORDER = ("train", "tuning", "held_out")
 NO_SPLIT = "(none)"
@@ -103,8 +132,9 @@ class PredictionTimes(_Section):
     offset_days: float = Field(0.0, ge=0, description="offset: days from the anchor to the prediction time (>= 0).")
     labels_path: str | None = Field(
         None,
-        description="labels_file: path of a labels parquet (subject_id, prediction_time[, boolean_value]); "
-        "relative paths resolve against the spec file's directory.",
+        description="labels_file: path of a labels parquet (subject_id, prediction_time[, boolean_value], or for "
+        "a survival task with outcome null float_value and integer_value); relative paths resolve against the "
+        "spec file's directory.",
     )
 
     _check = field_validator("patterns")(check_regexes)
@@ -124,9 +154,12 @@ class Outcome(_Section):
 
     codes: list[str] = Field(default_factory=lambda: [meds.death_code], description="Exact outcome codes.")
     patterns: list[str] = Field(default_factory=list, description="Regular expressions (search) on outcome codes.")
-    horizon_days: float = Field(365.0, gt=0, description="Window end, in days after the prediction time (> 0).")
+    horizon_days: float = Field(
+        365.0, gt=0, description="Window end, in days after the prediction time (> 0); for kind survival the maximum "
+        "horizon (longer follow-up is censored at it).")
     gap_days: float = Field(
-        0.0, ge=0, description="Window start, in days after the prediction time (>= 0, < horizon_days)."
+        0.0, ge=0, description="Window start, in days after the prediction time (>= 0, < horizon_days; 0 for kind "
+        "survival)."
     )
 
     _check = field_validator("patterns")(check_regexes)
@@ -187,19 +220,28 @@ class Inclusion(_Section):
 
 
 class TaskSpec(_Section):
-    """A binary prediction task over a MEDS dataset (see the module docstring for semantics)."""
+    """A binary or survival prediction task over a MEDS dataset (see the module docstring for semantics)."""
 
     name: str = Field("task", min_length=1, description="Task name (MLflow experiment name, file names).")
     description: str = Field("", description="What the task predicts, in words.")
+    kind: Literal["binary", "survival"] = Field(
+        "binary",
+        description="binary: boolean_value = outcome inside the window, censored samples excluded; survival: "
+        "float_value = days to the first of outcome / competing event / end of follow-up / horizon_days (the "
+        "maximum horizon), integer_value = 1 outcome, 2 competing, 0 censored, boolean_value = integer_value == 1; "
+        "censored and competing samples are kept.",
+    )
     prediction_times: PredictionTimes = Field(default_factory=PredictionTimes, description="When to predict.")
     outcome: Outcome | None = Field(
         default_factory=Outcome,
-        description="What to predict; null with prediction_times.kind labels_file keeps the file's boolean_value.",
+        description="What to predict; null with prediction_times.kind labels_file keeps the file's boolean_value "
+        "(survival: its float_value and integer_value).",
     )
     censoring: Censoring = Field(default_factory=Censoring, description="How follow-up ends.")
     inclusion: Inclusion = Field(default_factory=Inclusion, description="Eligibility rules.")
     require_train_positives: bool = Field(
-        True, description="Fail if the train split (or, without splits, the whole cohort) has no positive label."
+        True, description="Fail if the train split (or, without splits, the whole cohort) has no positive label "
+        "(survival: no outcome event)."
     )
     warn_prevalence_below: float = Field(
         0.01, ge=0, le=1, description="Warn when the overall label prevalence is below this (0-1)."
@@ -214,6 +256,9 @@ class TaskSpec(_Section):
     def _outcome_or_file_labels(self) -> "TaskSpec":
         if self.outcome is None and self.prediction_times.kind != "labels_file":
             raise ValueError("outcome may be null only with prediction_times.kind 'labels_file'")
+        if self.kind == "survival" and self.outcome is not None and self.outcome.gap_days != 0:
+            raise ValueError(f"outcome.gap_days must be 0 for kind 'survival' (got {self.outcome.gap_days:g}): "
+                             "a survival time runs from the prediction time")
         return self
 
     @field_validator("features")
@@ -246,16 +291,36 @@ def shipped_tasks() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def labels_file_task(path: str | os.PathLike) -> TaskSpec:
+def labels_file_task(path: str | os.PathLike, kind: Literal["binary", "survival"] | None = None) -> TaskSpec:
     """The task of a labels parquet made elsewhere (ACES, SQL): its prediction times and outcomes
-    as they are, named after the file (``nafld_death_5y.parquet`` -> task ``nafld_death_5y``)."""
+    as they are, named after the file (``nafld_death_5y.parquet`` -> task ``nafld_death_5y``).
+
+    ``kind`` None reads it from the file: ``survival`` when it has ``float_value`` and
+    ``integer_value`` columns without nulls (what :meth:`LabelResult.save` writes for a survival
+    task; a ``boolean_value`` beside them must be ``integer_value == 1``, see
+    :func:`workbench.labels.read_survival_labels`), else ``binary`` (e.g. ACES output, whose other
+    value columns are absent or null)."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise WorkbenchError(f"{path}: labels file not found (a parquet of subject_id, prediction_time, boolean_value)")
+    if kind is None:
+        kind = "survival" if _has_survival_values(path) else "binary"
     return task_from_dict({
-        "name": path.stem, "description": f"labels from {path}",
+        "name": path.stem, "description": f"{kind} labels from {path}", "kind": kind,
         "prediction_times": {"kind": "labels_file", "labels_path": str(path)}, "outcome": None,
     }, source=str(path))
+
+
+def _has_survival_values(path: Path) -> bool:
+    """Whether a labels parquet has non-null ``float_value`` and ``integer_value`` columns."""
+    columns = (SURVIVAL_TIME_COLUMN, SURVIVAL_EVENT_COLUMN)
+    try:
+        if not set(columns) <= set(pl.read_parquet_schema(path)):
+            return False
+        nulls = pl.scan_parquet(path).select(pl.col(c).null_count() for c in columns).collect().row(0)
+    except Exception:  # not a readable parquet file: reading the labels says so, naming it
+        return False
+    return not any(nulls)
 
 
 def task_name(path_or_name: str) -> str:
@@ -326,6 +391,17 @@ class SplitCount(BaseModel):
     prevalence: float = Field(description="positives / labels (0 when there are no labels).")
 
 
+class IntervalCount(BaseModel):
+    """Life-table counts of a survival task over one interval ``(start_days, end_days]`` of follow-up."""
+
+    start_days: float = Field(description="Interval start, days after the prediction time (exclusive).")
+    end_days: float = Field(description="Interval end, days after the prediction time (inclusive).")
+    at_risk: int = Field(description="Samples still followed at the interval start (float_value > start_days).")
+    events: int = Field(description="Samples whose outcome came first inside the interval.")
+    competing: int = Field(description="Samples whose competing event came first inside the interval.")
+    censored: int = Field(description="Samples censored (end of follow-up or the horizon) inside the interval.")
+
+
 class CohortReport(BaseModel):
     """Counts kept and dropped at each rule and label prevalence per split (notebooks show it, MLflow logs it)."""
 
@@ -340,6 +416,9 @@ class CohortReport(BaseModel):
     positives: int = Field(description="Positive labels.")
     prevalence: float = Field(description="Overall positives / labels.")
     warnings: list[str] = Field(default_factory=list, description="Warnings raised while labelling.")
+    intervals: list[IntervalCount] = Field(
+        default_factory=list, description="Survival tasks: life-table counts per year of follow-up (empty for binary)."
+    )
 
     def to_dict(self) -> dict:
         """A JSON-serializable dict (e.g. ``mlflow.log_dict(report.to_dict(), 'cohort.json')``)."""
@@ -361,6 +440,12 @@ class CohortReport(BaseModel):
                   "prevalence": pl.Float64}
         return pl.DataFrame([s.model_dump() for s in self.splits], schema=schema)
 
+    def intervals_frame(self) -> pl.DataFrame:
+        """Survival life-table counts per interval as a frame (no rows for a binary task)."""
+        schema = {"start_days": pl.Float64, "end_days": pl.Float64, "at_risk": pl.Int64, "events": pl.Int64,
+                  "competing": pl.Int64, "censored": pl.Int64}
+        return pl.DataFrame([i.model_dump() for i in self.intervals], schema=schema)
+
     def to_metrics(self) -> dict[str, float]:
         """Flat numeric metrics for ``mlflow.log_metrics`` (names use only allowed characters)."""
         out: dict[str, float] = {
@@ -374,6 +459,9 @@ class CohortReport(BaseModel):
         for s in self.splits:
             key = re.sub(r"[^A-Za-z0-9_]", "", s.split) or "none"
             out.update({f"cohort_{key}_labels": s.labels, f"cohort_{key}_prevalence": s.prevalence})
+        if self.intervals:
+            out.update({f"cohort_{what}": sum(getattr(i, what) for i in self.intervals)
+                        for what in ("events", "competing", "censored")})
         return {k: float(v) for k, v in out.items()}
 
     def to_markdown(self) -> str:
@@ -387,6 +475,11 @@ class CohortReport(BaseModel):
         for s in self.splits:
             lines.append(f"| {s.split} | {s.subjects} | {s.labels} | {s.positives} | {s.prevalence:.2%} |")
         lines.append(f"| **all** | {self.subjects} | {self.labels} | {self.positives} | {self.prevalence:.2%} |")
+        if self.intervals:
+            lines += ["", "| follow-up (days) | at risk | events | competing | censored |", "|---|--:|--:|--:|--:|"]
+            for i in self.intervals:
+                lines.append(f"| {i.start_days:g}-{i.end_days:g} | {i.at_risk} | {i.events} | {i.competing} | "
+                             f"{i.censored} |")
         lines += ["", *(f"> warning: {w}" for w in self.warnings)]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -414,7 +507,15 @@ class CohortReport(BaseModel):
             splits.add_row(escape(s.split), str(s.subjects), str(s.labels), str(s.positives), f"{s.prevalence:.2%}")
         splits.add_row("all", str(self.subjects), str(self.labels), str(self.positives), f"{self.prevalence:.2%}",
                        style="bold")
-        return Group(rules, splits)
+        if not self.intervals:
+            return Group(rules, splits)
+        intervals = Table(title="Events and censorings per interval of follow-up")
+        for col in ("follow-up (days)", "at risk", "events", "competing", "censored"):
+            intervals.add_column(col, justify="left" if col.startswith("follow") else "right")
+        for i in self.intervals:
+            intervals.add_row(f"{i.start_days:g}-{i.end_days:g}", str(i.at_risk), str(i.events), str(i.competing),
+                              str(i.censored))
+        return Group(rules, splits, intervals)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,24 +537,33 @@ class LabelResult:
     report: CohortReport
 
     @property
+    def schema(self) -> dict[str, pl.DataType]:
+        """Columns of :attr:`labels`: :data:`LABEL_SCHEMA`, or :data:`SURVIVAL_LABEL_SCHEMA` for a survival task."""
+        return SURVIVAL_LABEL_SCHEMA if self.spec.kind == "survival" else LABEL_SCHEMA
+
+    @property
     def labels(self) -> pl.DataFrame:
-        """Kept labels in the MEDS label schema exactly (``subject_id, prediction_time, boolean_value``)."""
-        return self.labels_with_split.select(list(LABEL_SCHEMA))
+        """Kept labels in the MEDS label schema exactly: ``subject_id, prediction_time, boolean_value``, and for a
+        survival task also ``integer_value`` (event type) and ``float_value`` (days to the event or censoring)."""
+        return self.labels_with_split.select(list(self.schema))
 
     @property
     def labels_with_split(self) -> pl.DataFrame:
         """Kept labels plus each subject's ``split`` (from the dataset's subject_splits; null if none)."""
         return (
             self.candidates.filter(pl.col("excluded_by").is_null())
-            .select([*LABEL_SCHEMA, "split"])
+            .select([*self.schema, "split"])
             .sort("subject_id", "prediction_time")
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the labels parquet atomically, checked against ``meds.LabelSchema``."""
+        """Write the labels parquet atomically, checked against ``meds.LabelSchema`` (which stores a
+        survival ``float_value`` as float32)."""
         import meds
 
         labels = self.labels
+        if SURVIVAL_TIME_COLUMN in labels.columns:
+            labels = labels.with_columns(pl.col(SURVIVAL_TIME_COLUMN).cast(pl.Float32))
         meds.LabelSchema.validate(labels.to_arrow())
         return write_parquet_atomic(labels, path)
 
@@ -543,9 +653,8 @@ def _candidate_times(events: pl.LazyFrame, summary: pl.LazyFrame, spec: TaskSpec
         times = (pl.col("anchor_time") + _days(pt.offset_days)).alias("prediction_time")
         return summary.select("subject_id", times).drop_nulls()
     lf = file_labels.lazy()
-    if "boolean_value" in file_labels.columns:
-        lf = lf.rename({"boolean_value": "file_value"})
-    return lf
+    names = {"boolean_value": "file_value", SURVIVAL_TIME_COLUMN: "file_time", SURVIVAL_EVENT_COLUMN: "file_event"}
+    return lf.rename({k: v for k, v in names.items() if k in file_labels.columns})
 
 
 def _next_event_after(candidates: pl.LazyFrame, events: pl.LazyFrame, match: pl.Expr, name: str) -> pl.LazyFrame:
@@ -610,6 +719,8 @@ def _rules(spec: TaskSpec) -> list[tuple[str, str, pl.Expr]]:
     if inc.exclude_prior_outcome:
         rules.append(("prior_outcome", "outcome at or before the prediction time", pl.col("first_outcome") <= t))
     rules.append(("no_followup", "follow-up ends at or before the prediction time", pl.col("followup_end") <= t))
+    if spec.kind == "survival":  # censored and competing samples are kept, with their time and event type
+        return rules
     nxt = pl.col("next_outcome")
     if out.gap_days > 0:
         rules.append(("outcome_in_gap", f"outcome within the {out.gap_days:g}-day gap",
@@ -624,8 +735,36 @@ def _rules(spec: TaskSpec) -> list[tuple[str, str, pl.Expr]]:
     return rules
 
 
+def _survival_exprs(spec: TaskSpec) -> dict[str, pl.Expr]:
+    """Survival ``_time`` (days from ``t`` to the first of outcome, competing event, end of follow-up and
+    ``t + horizon``) and ``_event`` (what came first; ties: outcome, then competing, then censoring),
+    or the file's values. Like the binary label, an outcome or competing event counts when it is
+    recorded after the end of follow-up; the end of follow-up censors when neither came first."""
+    if spec.outcome is None:
+        return {"_time": pl.col("file_time"), "_event": pl.col("file_event")}
+    t = pl.col("prediction_time")
+    horizon_end = t + _days(spec.outcome.horizon_days)
+    nxt, end = pl.col("next_outcome"), pl.col("followup_end")
+    cen = spec.censoring
+    comp = (pl.col("next_competing") if cen.competing_codes or cen.competing_patterns
+            else pl.lit(None, dtype=pl.Datetime("us")))
+    outcome_first = (nxt.is_not_null() & (nxt <= horizon_end) & (comp.is_null() | (nxt <= comp))).fill_null(False)
+    competing_first = (comp.is_not_null() & (comp <= horizon_end)).fill_null(False)
+    first = (pl.when(outcome_first).then(nxt).when(competing_first).then(comp)
+             .otherwise(pl.min_horizontal(end, horizon_end)))
+    return {
+        "_time": (first - t).dt.total_microseconds().cast(pl.Float64) / 86_400e6,
+        "_event": pl.when(outcome_first).then(pl.lit(EVENT_OUTCOME, dtype=pl.Int64))
+        .when(competing_first).then(pl.lit(EVENT_COMPETING, dtype=pl.Int64))
+        .otherwise(pl.lit(EVENT_CENSORED, dtype=pl.Int64)),
+    }
+
+
 def _label_expr(spec: TaskSpec) -> pl.Expr:
-    """The label where no rule applies: outcome inside ``(t + gap, t + horizon]``, or the file's value."""
+    """The label where no rule applies: outcome inside ``(t + gap, t + horizon]``, or the file's value
+    (survival: the outcome came first, from ``_event``)."""
+    if spec.kind == "survival":
+        return pl.col("_event") == EVENT_OUTCOME
     if spec.outcome is None:
         return pl.col("file_value")
     t, nxt = pl.col("prediction_time"), pl.col("next_outcome")
@@ -636,7 +775,7 @@ def _check_labels_file(file_labels: pl.DataFrame, events: pl.LazyFrame, spec: Ta
     """Labels file subjects must exist in the data and each prediction time lie inside its subject's record."""
     path = spec.prediction_times.labels_path
     check_labels_in_data(file_labels, events, where, source=str(path))
-    if spec.outcome is None and file_labels["boolean_value"].null_count():
+    if spec.outcome is None and spec.kind == "binary" and file_labels["boolean_value"].null_count():
         raise WorkbenchError(f"{path}: outcome is null in the task, so the labels file needs a boolean_value column")
 
 
@@ -686,7 +825,30 @@ def _build_report(
         splits=[SplitCount(**r) for r in per_split.drop("_order").iter_rows(named=True)],
         labels=kept.height, subjects=kept["subject_id"].n_unique(), positives=positives,
         prevalence=positives / kept.height if kept.height else 0.0,
+        intervals=_interval_counts(spec, kept) if spec.kind == "survival" else [],
     )
+
+
+def _interval_counts(spec: TaskSpec, kept: pl.DataFrame) -> list[IntervalCount]:
+    """Life-table counts per year (:data:`DAYS_PER_YEAR`) of follow-up up to the horizon (the last
+    interval may be partial; a labels-file task without outcome goes up to its longest time)."""
+    time, event = pl.col(SURVIVAL_TIME_COLUMN), pl.col(SURVIVAL_EVENT_COLUMN)
+    if spec.outcome is not None:
+        upper = float(spec.outcome.horizon_days)
+    else:
+        upper = float(kept[SURVIVAL_TIME_COLUMN].max() or DAYS_PER_YEAR)
+    n = max(1, math.ceil(upper / DAYS_PER_YEAR - 1e-9))
+    bounds = [(i * DAYS_PER_YEAR, min((i + 1) * DAYS_PER_YEAR, upper)) for i in range(n)]
+    aggs = []
+    for i, (lo, hi) in enumerate(bounds):
+        inside = (time > lo) & (time <= hi)
+        aggs += [(time > lo).sum().alias(f"at_risk{i}"), (inside & (event == EVENT_OUTCOME)).sum().alias(f"events{i}"),
+                 (inside & (event == EVENT_COMPETING)).sum().alias(f"competing{i}"),
+                 (inside & (event == EVENT_CENSORED)).sum().alias(f"censored{i}")]
+    row = kept.select(aggs).row(0, named=True)
+    return [IntervalCount(start_days=lo, end_days=hi, **{k: int(row[f"{k}{i}"] or 0) for k in
+                                                          ("at_risk", "events", "competing", "censored")})
+            for i, (lo, hi) in enumerate(bounds)]
 
 
 def _check_result(report: CohortReport, spec: TaskSpec, where: str) -> list[str]:
@@ -703,8 +865,9 @@ def _check_result(report: CohortReport, spec: TaskSpec, where: str) -> list[str]
         if scope is None or scope.positives == 0:
             name = "the train split" if has_splits else "the cohort (the dataset has no splits)"
             n = 0 if scope is None else scope.labels
+            what = "outcome events (integer_value 1)" if spec.kind == "survival" else "positive labels"
             raise WorkbenchError(
-                f"task {spec.name!r} on {where}: zero positive labels in {name} ({n} labels); check outcome.codes "
+                f"task {spec.name!r} on {where}: zero {what} in {name} ({n} labels); check outcome.codes "
                 f"and outcome.horizon_days, or set require_train_positives: false"
             )
     if report.prevalence < spec.warn_prevalence_below:
@@ -725,20 +888,27 @@ def _candidate_frame(events: pl.LazyFrame, spec: TaskSpec, file_labels: pl.DataF
         lf = _next_event_after(lf, events, _code_match(cen.competing_codes, cen.competing_patterns), "next_competing")
     if spec.inclusion.min_events > 0:
         lf = _events_up_to(lf, events, spec)
+    if spec.kind == "survival":
+        lf = lf.with_columns(**_survival_exprs(spec))
     return lf.with_columns(_positive=_label_expr(spec))
 
 
-def _apply_rules(lf: pl.LazyFrame, rules: list[tuple[str, str, pl.Expr]], splits: pl.DataFrame) -> pl.LazyFrame:
+def _apply_rules(lf: pl.LazyFrame, rules: list[tuple[str, str, pl.Expr]], splits: pl.DataFrame,
+                 survival: bool = False) -> pl.LazyFrame:
     """Add ``_rule_idx``/``excluded_by`` (the FIRST failing rule, null if kept), ``boolean_value``
-    (kept rows only) and each subject's ``split``."""
+    (and for ``survival`` ``integer_value``, ``float_value``; kept rows only) and each subject's ``split``."""
     first_failing = pl.lit(None, dtype=pl.Int32)
     for i in reversed(range(len(rules))):  # built back to front so the first failing rule wins
         first_failing = pl.when(rules[i][2].fill_null(False)).then(pl.lit(i, dtype=pl.Int32)).otherwise(first_failing)
+    kept = pl.col("_rule_idx").is_null()
+    values = ({SURVIVAL_EVENT_COLUMN: pl.when(kept).then(pl.col("_event")).cast(pl.Int64),
+               SURVIVAL_TIME_COLUMN: pl.when(kept).then(pl.col("_time")).cast(pl.Float64)} if survival else {})
     return (
         lf.with_columns(_rule_idx=first_failing)
         .join(splits.lazy(), on="subject_id", how="left")
         .with_columns(
-            boolean_value=pl.when(pl.col("_rule_idx").is_null()).then(pl.col("_positive")),
+            **values,
+            boolean_value=pl.when(kept).then(pl.col("_positive")).cast(pl.Boolean),
             excluded_by=pl.col("_rule_idx").replace_strict(
                 list(range(len(rules))), [name for name, _, _ in rules], default=None, return_dtype=pl.String
             ),
@@ -842,16 +1012,19 @@ def make_labels(dataset: MedsDataset | str | os.PathLike, spec: TaskSpec | str |
     notes = _validate_against_data(spec, codes_df["code"].drop_nulls().sort().to_list(), where)
     file_labels = None
     if spec.prediction_times.kind == "labels_file":
-        file_labels = read_labels(spec.prediction_times.labels_path)
+        survival_file = spec.kind == "survival" and spec.outcome is None  # the file holds times and event types
+        file_labels = (read_survival_labels if survival_file else read_labels)(spec.prediction_times.labels_path)
         _check_labels_file(file_labels, events, spec, where)
 
     rules = _rules(spec)
-    df = _apply_rules(_candidate_frame(events, spec, file_labels), rules, splits).collect(engine="streaming")
+    survival = spec.kind == "survival"
+    df = _apply_rules(_candidate_frame(events, spec, file_labels), rules, splits, survival).collect(engine="streaming")
     report = _build_report(spec, df, rules, subj_df.height)
     notes += _check_result(report, spec, where)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     report = report.model_copy(update={"warnings": notes})
-    keep = ["subject_id", "prediction_time", "split", "boolean_value", "excluded_by", "first_time", "followup_end",
-            "birth_time"] + [c for c in ("next_outcome", "next_competing", "n_events") if c in df.columns]
+    keep = ["subject_id", "prediction_time", "split", "boolean_value",
+            *([SURVIVAL_EVENT_COLUMN, SURVIVAL_TIME_COLUMN] if survival else []), "excluded_by", "first_time",
+            "followup_end", "birth_time"] + [c for c in ("next_outcome", "next_competing", "n_events") if c in df.columns]
     return LabelResult(spec=spec, candidates=df.select(keep), report=report)
