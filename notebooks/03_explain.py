@@ -42,6 +42,7 @@ explain_settings = {}  # any other ExplainConfig field, e.g. {"output_space": "l
 subjects = None  # explain only these subject ids (default: every held-out subject)
 max_samples = None  # explain at most this many held-out samples
 n_patients = 3  # patients shown (the highest predicted risks)
+horizon_years = None  # a survival model: explain its risk by this many years (default 2); a binary model: leave None
 upstream = None
 output_dir = None
 
@@ -58,7 +59,7 @@ config = ExplainConfig(**{"n_background": n_background, "background_selection": 
                           "alphas_per_background": alphas_per_background, "path_grid": path_grid,
                           "reference_samples": reference_samples, "seed": seed, "progress": False, **explain_settings})
 result = explain_run(chosen, config=config, subjects=subjects, max_samples=max_samples,
-                     n_patients=n_patients)
+                     n_patients=n_patients, horizon_days=None if horizon_years is None else horizon_years * 365.25)
 display(Markdown(result.summary()))
 
 # %% [markdown]

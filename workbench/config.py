@@ -104,6 +104,11 @@ NOTEBOOK_CONFIGS: dict[str, dict] = {
         "dicts": {"features": "workbench.features:FeatureConfig"},
         "choices": {"model": "workbench.settings:MODEL_KINDS"},
     },
+    "05_survival": {
+        "fields": ("workbench.settings:ModelConfig", "workbench.settings:TrainConfig"),
+        "dicts": {"features": "workbench.features:FeatureConfig"},
+        "choices": {"model": "workbench.settings:SURVIVAL_KINDS"},
+    },
     "03_explain": {
         "fields": ("workbench.settings:ExplainConfig",),
         "dicts": {"explain_settings": "workbench.settings:ExplainConfig"},

@@ -33,14 +33,27 @@ def check_explainable(run_id: str) -> str:
     return kind
 
 
-def sequence_network(run_id: str):
+def sequence_network(run_id: str, horizon_days: float | None = None):
     """The Keras network a sequence model run logged (inside its pyfunc), for SHAP, and which output
     SHAP then explains: the calibrated risk the model reports (a Platt map is folded into the
-    network's last layer), or, with an isotonic map, the network's risk before that map."""
+    network's last layer), or, with an isotonic map, the network's risk before that map. A
+    survival model's network is explained through its risk by ``horizon_days`` (default
+    :data:`workbench.survival.DEFAULT_EXPLAIN_HORIZON_DAYS`; its calibration is folded in too)."""
     from workbench.serving import KerasPredictor, load_risk_model
 
     check_explainable(run_id)
     model = load_risk_model(f"runs:/{run_id}/{record.MODEL_PATH}")
+    if model.horizons_days is not None:
+        from workbench.survival import DEFAULT_EXPLAIN_HORIZON_DAYS, HazardCurves, HorizonRisk
+
+        if not isinstance(model.predictor, HazardCurves):
+            raise WorkbenchError(f"run {run_id}: its survival model holds no hazard network")
+        days = float(horizon_days or DEFAULT_EXPLAIN_HORIZON_DAYS)
+        network = HorizonRisk(model.predictor.model, model.predictor.grid, days)
+        return network, (f"the risk of the outcome by {days:g} days ({days / 365.25:.1f} years) after the prediction "
+                         "time (calibrated hazard network: the calibration is folded into its last layer)")
+    if horizon_days is not None:
+        raise WorkbenchError(f"run {run_id} is a binary model run: it has one horizon, so horizon_days does not apply")
     if not isinstance(model.predictor, KerasPredictor):
         raise WorkbenchError(f"run {run_id}: its model holds no Keras network")
     recal = model.recalibration
@@ -130,12 +143,13 @@ def explain_samples(tensors: SequenceTensors, split: str = "held_out", subjects=
 
 
 def explain_run(run_id: str, tensors: SequenceTensors | None = None, config=None, subjects=None, max_samples: int | None = None,
-                n_patients: int = 3) -> ExplanationRun:
+                n_patients: int = 3, horizon_days: float | None = None) -> ExplanationRun:
     """Explain a logged model on held-out samples and log explanations, checks and plots to its run.
 
     The model is loaded back from the run (what was logged is what is explained); the
     background comes from the train split only. ``tensors`` default to the run's own, rebuilt
-    from its task and dataset with its saved FeatureSpec.
+    from its task and dataset with its saved FeatureSpec. A survival model is explained through its
+    risk by ``horizon_days`` (see :func:`sequence_network`).
     """
     from workbench.explain import (
         ExplainConfig,
@@ -148,7 +162,7 @@ def explain_run(run_id: str, tensors: SequenceTensors | None = None, config=None
     )
 
     config = config or ExplainConfig()
-    model, explained_output = sequence_network(run_id)
+    model, explained_output = sequence_network(run_id, horizon_days)
     tensors = tensors if tensors is not None else tensors_for_run(run_id)
     train_split = tensors.by_split("train")
     background = select_background(train_split.X, train_split.observed, config.n_background, config.seed,

@@ -720,3 +720,66 @@ def global_importance_plot(by_feature, by_step, max_features: int = 15,
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# --- survival: calibration at horizons, observed vs predicted curves ------------------------
+
+
+def survival_calibration_plot(calibrations: Mapping, horizons_days=None, title: str | None = None) -> Figure:
+    """One panel per horizon: mean predicted vs observed risk by decile of predicted risk (bars:
+    the observed risk's bootstrap CI), the diagonal, one series per model.
+
+    ``calibrations`` maps a model name to a frame with ``horizon_days, predicted, observed`` and
+    optionally ``observed_ci_low / observed_ci_high`` (:func:`workbench.survival_metrics.evaluate_survival`).
+    """
+    if not calibrations:
+        raise WorkbenchError("a survival calibration plot needs at least one model's calibration table")
+    first = next(iter(calibrations.values()))
+    horizons = sorted(set(first["horizon_days"].to_list())) if horizons_days is None else list(horizons_days)
+    fig = Figure(figsize=(4.2 * len(horizons), 4.4), layout="constrained")
+    for j, h in enumerate(horizons):
+        ax = fig.add_subplot(1, len(horizons), j + 1)
+        top = 0.0
+        for color, (name, table) in zip(_COLORS * 10, calibrations.items()):
+            rows = table.filter(table["horizon_days"] == float(h))
+            if rows.height == 0:
+                continue
+            x, y = rows["predicted"].to_numpy(), rows["observed"].to_numpy()
+            if "observed_ci_low" in rows.columns and rows["observed_ci_low"].null_count() == 0:
+                lo, hi = rows["observed_ci_low"].to_numpy(), rows["observed_ci_high"].to_numpy()
+                ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="o-", color=color,
+                            ms=4, lw=1.2, capsize=2, label=name)
+                top = max(top, float(np.nanmax(hi)))
+            else:
+                ax.plot(x, y, "o-", color=color, ms=4, lw=1.2, label=name)
+            top = max(top, float(np.nanmax(x)), float(np.nanmax(y)))
+        top = min(1.0, top * 1.08 + 0.02)
+        ax.plot([0, top], [0, top], ls="--", color="grey", lw=1)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        _style(ax, f"{float(h) / 365.25:g} years", "mean predicted risk", "observed risk (Aalen-Johansen)" if j == 0 else "")
+        if j == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle(title or "Calibration at each horizon, by decile of predicted risk")
+    return fig
+
+
+def km_vs_predicted_plot(time, event, mean_predicted_curve: Mapping, title: str | None = None) -> Figure:
+    """The observed cumulative incidence of the outcome (Aalen-Johansen; Kaplan-Meier without
+    competing events) as a step curve, with each model's mean predicted curve ``(days, risk)``."""
+    from workbench.survival_metrics import observed_risk
+
+    t, e = np.asarray(time, dtype=np.float64), np.asarray(event)
+    days = np.unique(np.concatenate([[0.0], t[e == 1]]))
+    end = max(float(np.max(t)), *(float(np.max(d)) for d, _ in mean_predicted_curve.values()))
+    days = days[days <= end]
+    observed = [observed_risk(t, e, d) for d in days]
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    ax.step(days / 365.25, observed, where="post", color="black", lw=1.8, label="observed")
+    for color, (name, (d, risk)) in zip(_COLORS * 10, mean_predicted_curve.items()):
+        ax.plot(np.asarray(d) / 365.25, risk, color=color, lw=1.5, marker=".", label=f"{name} (mean predicted)")
+    ax.set_ylim(0, None)
+    _style(ax, title or "Observed vs mean predicted risk", "years after the prediction time", "cumulative risk of the outcome")
+    ax.legend(fontsize="small")
+    return fig

@@ -16,6 +16,7 @@ from workbench.files import write_text_atomic
 
 # --- tags of a model run (set by experiment.run_model, read by explain, compare, report, monitor)
 TASK_TAG = "workbench.task"  # the task's name (also the MLflow experiment and registered model)
+TASK_KIND_TAG = "workbench.task_kind"  # "survival" on survival model runs (absent: binary)
 MODEL_TAG = "workbench.model"  # the model kind: lstm, gru, rnn, logistic, gbt, mayo
 DATA_ROOT_TAG = "workbench.data_root"  # the MEDS folder the cohort was built from
 SKIPPED_TAG = "workbench.skipped"  # why a reference was not fitted on this cohort

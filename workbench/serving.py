@@ -48,14 +48,18 @@ REQUEST_COLUMNS = {
 }
 # What scoring imports (pinned from this package's own requirements).
 _SCORING_PACKAGES = {"torch", "keras", "polars", "pyarrow", "numpy", "pandas", "scikit-learn", "scipy",
-                     "pydantic", "pyyaml", "meds", "mlflow"}
+                     "pydantic", "pyyaml", "meds", "mlflow", "scikit-survival"}
 
 
-def signature():
-    """The pyfunc's signature: the request columns in, one risk per sample out."""
+def signature(horizons_days=None):
+    """The pyfunc's signature: the request columns in, one risk per sample out (a survival model:
+    one ``risk_<days>d`` column per horizon, and a ``horizons_days`` parameter to ask for others)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    risks = [ColSpec("double", "risk")] if horizons_days is None else [ColSpec("double", horizon_column(h)) for h in horizons_days]
+    params = None if horizons_days is None else ParamSchema([
+        ParamSpec("horizons_days", "double", [float(h) for h in horizons_days], shape=(-1,))])
     return ModelSignature(
         inputs=Schema([
             ColSpec("long", "subject_id"),
@@ -64,8 +68,14 @@ def signature():
             ColSpec("double", "numeric_value", required=False),
             ColSpec("datetime", "prediction_time", required=False),
         ]),
-        outputs=Schema([ColSpec("long", "subject_id"), ColSpec("datetime", "prediction_time"), ColSpec("double", "risk")]),
+        outputs=Schema([ColSpec("long", "subject_id"), ColSpec("datetime", "prediction_time"), *risks]),
+        params=params,
     )
+
+
+def horizon_column(days: float) -> str:
+    """A survival model's output column of the risk by ``days``: ``risk_730d`` (whole days)."""
+    return f"risk_{int(round(float(days)))}d"
 
 
 def _bad_request(message: str) -> Exception:
@@ -138,9 +148,14 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         self.tabular = bool((config.get("options") or {}).get("tabular"))
         path = context.artifacts.get("recalibration")
         self.recalibration = Recalibration.model_validate_json(Path(path).read_text()) if path else Recalibration()
+        survival = (config.get("options") or {}).get("survival")
+        self.horizons_days = None if survival is None else [float(h) for h in survival["horizons_days"]]
 
-    def risk(self, X: np.ndarray) -> np.ndarray:
-        """Calibrated risk for normalized tensors X (the recalibration map unless it is in the weights)."""
+    def risk(self, X: np.ndarray, horizons_days=None) -> np.ndarray:
+        """Calibrated risk for normalized tensors X (the recalibration map unless it is in the weights);
+        a survival model's [N, H] risk by each horizon (default: the model's own)."""
+        if self.horizons_days is not None:
+            return self.predictor(X, np.asarray(horizons_days or self.horizons_days, dtype=np.float64))
         return self.recalibration.apply(self.predictor(X))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -148,13 +163,16 @@ class RiskModel(mlflow.pyfunc.PythonModel):
 
         frame = request_frame(model_input)
         events = frame.filter(pl.col("code").is_not_null()).drop("prediction_time")
+        horizons = (params or {}).get("horizons_days")
         try:
-            scores = self.score(EventFrame(events, root="the request"), request_samples(frame), "the request")
+            scores = self.score(EventFrame(events, root="the request"), request_samples(frame), "the request",
+                                horizons_days=None if horizons is None else list(np.atleast_1d(horizons)))
         except WorkbenchError as exc:
             raise _bad_request(str(exc)) from None
         return scores.to_pandas()
 
-    def score(self, dataset, samples: pl.DataFrame | None = None, source: str = "prediction times") -> pl.DataFrame:
+    def score(self, dataset, samples: pl.DataFrame | None = None, source: str = "prediction times",
+              horizons_days=None) -> pl.DataFrame:
         """Risks for ``samples`` (subject_id, prediction_time) of a MEDS dataset (a path or an
         EventFrame), tensorized with the model's own FeatureSpec. Without samples: the moments the
         model's task predicts at (:func:`workbench.tasks.scoring_times`); never at or after a
@@ -178,7 +196,15 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         else:
             tensors = transform(dataset, samples, self.spec)
             X, ids, times = tensors.X, tensors.subject_id, tensors.prediction_time
-        return pl.DataFrame({"subject_id": ids, "prediction_time": times, "risk": np.asarray(self.risk(X), dtype=np.float64)})
+        keys = {"subject_id": ids, "prediction_time": times}
+        if self.horizons_days is None:
+            return pl.DataFrame({**keys, "risk": np.asarray(self.risk(X), dtype=np.float64)})
+        horizons = [float(h) for h in (horizons_days or self.horizons_days)]
+        if horizons_days is not None and (not horizons or any(not 0 < h <= max(self.horizons_days) + 1e-6 for h in horizons)):
+            raise WorkbenchError(f"horizons_days {horizons}: each must be > 0 and at most the model's "
+                                 f"{max(self.horizons_days):g}-day maximum horizon")
+        risk = np.asarray(self.risk(X, horizons), dtype=np.float64).reshape(len(ids), len(horizons))
+        return pl.DataFrame({**keys, **{horizon_column(h): risk[:, i] for i, h in enumerate(horizons)}})
 
 
 # --- the predictor of each model kind -------------------------------------------------------
@@ -214,6 +240,7 @@ class KerasPredictor:
         import keras
 
         import workbench.models  # noqa: F401  (registers the custom layers the saved model uses)
+        import workbench.survival  # noqa: F401  (and the hazard likelihood a survival network was compiled with)
 
         self.network = keras.saving.load_model(path)
 
@@ -227,6 +254,9 @@ def load_predictor(kind: str, artifacts: dict, spec, options: dict):
     """``X [N, T, F] -> risk [N]`` of a logged model (the inverse of :func:`save_predictor`)."""
     from workbench import references
 
+    survival = options.get("survival")
+    if survival is not None:
+        return survival_predictor(kind, artifacts, spec, survival)
     if "keras_model" in artifacts:
         return KerasPredictor(artifacts["keras_model"])
     if "estimator" in artifacts:
@@ -238,6 +268,24 @@ def load_predictor(kind: str, artifacts: dict, spec, options: dict):
     if kind == "mayo":
         return lambda X: references.mayo_risk(spec, X, options.get("horizon_years", 2))
     raise WorkbenchError(f"model kind {kind!r}: no predictor among the logged artifacts {sorted(artifacts)}")
+
+
+def survival_predictor(kind: str, artifacts: dict, spec, survival: dict):
+    """``(X, horizons_days) -> risk [N, H]`` of a logged survival model."""
+    from workbench import references
+
+    if "keras_model" in artifacts:
+        from workbench.survival import HazardCurves, HazardGrid
+
+        network = KerasPredictor(artifacts["keras_model"]).network
+        return HazardCurves(network, HazardGrid(tuple(survival["grid_days"])), int(survival["n_causes"]))
+    if "estimator" in artifacts:
+        import joblib
+
+        return joblib.load(artifacts["estimator"]).risk
+    if kind == "mayo":
+        return lambda X, h: references.mayo_survival_risk(spec, X, h)
+    raise WorkbenchError(f"survival model kind {kind!r}: no predictor among the logged artifacts {sorted(artifacts)}")
 
 
 def requirements() -> list[str]:
@@ -286,7 +334,7 @@ def log_risk_model(fitted, spec, *, kind: str, options: dict | None = None, meta
                           "task": None if task is None else task.model_dump(mode="json")},
             artifacts=artifacts,
             code_paths=[str(package)],
-            signature=signature(),
+            signature=signature((options or {}).get("survival", {}).get("horizons_days")),
             input_example=example_request(spec),
             pip_requirements=requirements(),
             metadata={"keras_backend": workbench.KERAS_BACKEND, "workbench_version": workbench.__version__, **(metadata or {})},

@@ -14,6 +14,7 @@ SEQUENCE_KINDS = ("lstm", "gru", "rnn")
 TABULAR_KINDS = ("logistic", "gbt")  # references on the whole history's tabular features
 MODEL_KINDS = SEQUENCE_KINDS + TABULAR_KINDS + ("mayo",)
 ModelKind = Literal["lstm", "gru", "rnn", "logistic", "gbt", "mayo"]
+SURVIVAL_KINDS = SEQUENCE_KINDS + ("cox", "mayo")  # survival tasks: hazard networks, landmark Cox, Mayo
 OutputSpace = Literal["probability", "logit"]
 
 

@@ -55,7 +55,7 @@ def _require_finite(name: str, X: np.ndarray) -> None:
         raise WorkbenchError(f"{name} contains NaN or infinite values; fill them in the feature step")
 
 
-def _read(X, rows: slice | np.ndarray, name: str = "X") -> np.ndarray:
+def read_rows(X, rows: slice | np.ndarray, name: str = "X") -> np.ndarray:
     """Rows (a slice or positions) of an array or of a sequence source; a source's rows are
     checked finite as they are read (an array is checked whole by :func:`check_split`)."""
     if not is_sequence_source(X):
@@ -81,7 +81,7 @@ def predict_risk(model: keras.Model, X, batch_size: int = 1024) -> np.ndarray:
     out = np.empty(len(X), dtype=np.float32)
     with torch.no_grad():
         for start in range(0, len(X), batch_size):
-            batch = keras.ops.convert_to_tensor(_read(X, slice(start, start + batch_size)))
+            batch = keras.ops.convert_to_tensor(read_rows(X, slice(start, start + batch_size)))
             out[start : start + batch_size] = keras.ops.convert_to_numpy(model(batch, training=False))[:, 0]
     return out
 
@@ -124,7 +124,7 @@ class SequenceBatches(keras.utils.PyDataset):
         if index == 0 or self._order is None:
             self._order = self._epoch_order()
         rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        x = _read(self.X, rows, f"{self.name} X")
+        x = read_rows(self.X, rows, f"{self.name} X")
         if self.sample_weight is None:
             return x, self.y[rows]
         return x, self.y[rows], self.sample_weight[rows]
