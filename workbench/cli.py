@@ -620,6 +620,8 @@ def print_models(result) -> None:
     handed = train_run_ids({"train": [r.output_dir for r in result.step("train")]})
     if not handed:
         return
+    if print_survival_models(result):
+        return
     models = runs_table(result.experiment, run_ids=handed[0])
     table = Table(title=f"held-out metrics, 95% CIs from a bootstrap over patients (experiment {result.experiment})")
     for column in ("model", "tuning AUROC", *(m.upper() for m in METRICS), "MLflow run"):
@@ -635,6 +637,36 @@ def print_models(result) -> None:
     verdict = sequence_vs_reference(models, held_out_predictions(models)) if models.height else None
     if verdict:
         out.print(escape(verdict["sentence"]), highlight=False, soft_wrap=True)
+
+
+def print_survival_models(result) -> bool:
+    """A survival sweep's held-out metrics (True), or nothing when the train steps are binary (False)."""
+    from rich.table import Table
+
+    from workbench import record
+    from workbench.evaluation import format_with_ci
+
+    runs = record.read_model_runs([r.output_dir for r in result.step("train")])
+    fitted = [r for r in runs if r.get("task_kind") == "survival" and not r.get("skipped")]
+    if not fitted:
+        return False
+    from workbench.survival_run import COMPARED, CHAMPION_METRIC, metrics_table
+
+    models = metrics_table([r["run_id"] for r in fitted], fitted[0]["horizons_days"])
+    shown = [CHAMPION_METRIC, *COMPARED]
+    table = Table(title=f"held-out metrics, 95% CIs from a bootstrap over patients (experiment {result.experiment})")
+    for column in ("model", "tuning td-AUC 2 y", "td-AUC 2 y", "Uno's C", "Harrell's C", "integrated Brier", "MLflow run"):
+        table.add_column(column, overflow="fold")
+    for row in models.iter_rows(named=True):
+        cells = [format_with_ci({"value": row[m], "ci_low": row[f"{m}_ci_low"], "ci_high": row[f"{m}_ci_high"]}, 3) for m in shown]
+        tuning = "" if row["tuning_td_auc"] is None else f"{row['tuning_td_auc']:.3f}"
+        table.add_row(escape(row["model"]), tuning, *cells, row["run_id"])
+    out = stdout_console()
+    out.print(table)
+    for r in runs:
+        if r.get("skipped"):
+            out.print(f"{escape(r['kind'])}: not fitted ({escape(r['skipped'])})", highlight=False, soft_wrap=True)
+    return True
 
 
 @app.command("run")

@@ -419,9 +419,10 @@ def patient_timelines_plot(events, subject_ids: Sequence[int], max_codes: int = 
 
 # ------------------------------------------------------------------------------- forest plots
 
-_METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier score", "ece": "ECE"}
-_LOWER_IS_BETTER = {"brier", "ece", "loss", "log_loss"}
-_UNIT_INTERVAL = {"auroc", "auprc", "brier", "ece"}  # metrics that live in [0, 1]
+_METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier score", "ece": "ECE", "ibs": "integrated Brier score",
+                 "uno_c": "Uno's C", "harrell_c": "Harrell's C", "td_auc_730d": "td-AUC at 2 years"}
+_LOWER_IS_BETTER = {"brier", "ece", "loss", "log_loss", "ibs"}
+_UNIT_INTERVAL = {"auroc", "auprc", "brier", "ece", "ibs", "uno_c", "harrell_c", "td_auc_730d"}  # metrics that live in [0, 1]
 _DEFAULT_METRICS = ("auroc", "auprc", "brier", "ece")
 
 
