@@ -73,7 +73,7 @@ display(comparison.figures.get("binary_vs_survival") or Markdown("No binary step
 # %% tags=["figure"]
 views = patient_views(upstream, n_patients=n_patients)
 comparison.figures |= views
-display(*views.values())
+display(*views.values()) if views else display(Markdown("No explain step upstream: run the pbc_survival pipeline for this view."))
 
 # %%
 if output_dir:

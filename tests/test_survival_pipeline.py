@@ -152,3 +152,18 @@ def test_mlflow_models_serve_answers_with_a_risk_per_horizon(pipeline, tmp_path)
         assert status == 400 and "maximum horizon" in error["message"], error
     finally:
         stop_process_group(server)
+
+
+@pytest.mark.parametrize("name", ["05_survival", "06_survival_compare"])
+def test_survival_notebooks_run_on_their_own_with_plain_papermill(pipeline, tmp_path, name):
+    """Outside a pipeline: 05 builds its own cohort, 06 compares the latest run of each survival model."""
+    home, _, _ = pipeline
+    out = tmp_path / f"{name}.ipynb"
+    proc = subprocess.run([str(BIN / "papermill"), str(ROOT / "notebooks" / f"{name}.ipynb"), str(out)],
+                          capture_output=True, text=True, env=clean_env(home), cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images, problems = notebook_images(out)
+    assert images >= 3 and not [p for p in problems if "figure" not in p], problems
+    if name == "06_survival_compare":
+        text = out.read_text()
+        assert all(kind in text for kind in ("| gru |", "| lstm |", "| cox |", "| mayo |"))

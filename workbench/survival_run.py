@@ -363,6 +363,9 @@ class SurvivalComparison:
             out += f"\n\n`{kind}` not fitted: {why}."
         if self.binary is not None:
             out += "\n\n" + binary_markdown(self.binary)
+        else:
+            out += ("\n\nThe comparison with the binary 2-year LSTM on the same visits needs the pipeline's cohort and "
+                    "binary steps (`workbench run pipelines/pbc_survival.yaml`).")
         return out
 
     def save(self, directory) -> None:
@@ -402,6 +405,28 @@ def metrics_table(run_ids, horizons_days) -> pl.DataFrame:
     return pl.DataFrame(rows).sort("tuning_td_auc", descending=True, nulls_last=True)
 
 
+def latest_survival_runs(task: str) -> list[dict]:
+    """The latest survival run of each model kind in the task's experiment, as train hand-offs
+    (what the compare notebook uses when it runs outside a pipeline)."""
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name(task)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{record.TASK_KIND_TAG}` = 'survival' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1000)
+    latest: dict[str, dict] = {}
+    for run in runs:
+        kind = run.data.tags.get(record.MODEL_TAG)
+        if kind in latest or "horizons_years" not in run.data.params:
+            continue
+        years = [float(y) for y in run.data.params["horizons_years"].split(",")]
+        latest[kind] = {"run_id": run.info.run_id, "kind": kind, "skipped": run.data.tags.get(record.SKIPPED_TAG),
+                        "horizons_days": [y * DAYS_PER_YEAR for y in years]}
+    if not latest:
+        raise WorkbenchError(f"no finished survival model run in experiment {task!r} at {tracking.tracking_uri()}: "
+                             "train one first (notebooks/05_survival, or workbench run pipelines/pbc_survival.yaml)")
+    return list(latest.values())
+
+
 def compare_survival(task: str, upstream: dict | None, n_bootstrap: int = 200, seed: int = 0) -> SurvivalComparison:
     """Compare a pipeline's survival models (its train steps) on held-out, with the binary model of
     its ``binary`` step (if any) on the same visits."""
@@ -411,9 +436,7 @@ def compare_survival(task: str, upstream: dict | None, n_bootstrap: int = 200, s
 
     tracking.setup()
     name = task_name(task)
-    runs = record.read_model_runs(record.upstream_train(upstream))
-    if not runs:
-        raise WorkbenchError("compare: no train step outputs among the upstream steps (run it in the pbc_survival pipeline)")
+    runs = record.read_model_runs(record.upstream_train(upstream)) or latest_survival_runs(name)
     skipped = {r["kind"]: r["skipped"] for r in runs if r.get("skipped")}
     fitted = [r for r in runs if not r.get("skipped")]
     horizons = fitted[0]["horizons_days"]
