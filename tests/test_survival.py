@@ -159,3 +159,19 @@ def test_horizon_risk_is_the_curve_at_that_horizon(single_cause):
         with torch.no_grad():
             got = module(torch.from_numpy(X[:64])).numpy()[:, 0]
         np.testing.assert_allclose(got, curves.risk(X[:64], [days])[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("span_days", [40, 400, 1100, 1500, 4000])
+def test_patient_risk_plot_draws_any_follow_up_span_without_warnings(span_days, recwarn):
+    import io
+
+    import polars as pl
+
+    from workbench.survival_run import patient_risk_plot
+
+    times = np.datetime64("1990-01-01", "us") + np.linspace(0, span_days, 4).astype("timedelta64[D]")
+    visits = pl.DataFrame({"prediction_time": times, "risk_365d": [0.1, 0.2, 0.3, 0.4], "risk_730d": [0.2, 0.3, 0.4, 0.5]})
+    drivers = pl.DataFrame({"prediction_time": times, "output": [0.2, 0.3, 0.4, 0.5], "feature": ["LAB/bili/value"] * 4,
+                            "shap": [0.05, -0.02, 0.1, 0.0], "step_end_time": times})
+    patient_risk_plot(7, visits, drivers).savefig(io.BytesIO(), format="png")
+    assert not [str(w.message) for w in recwarn], "a user-visible warning in the executed notebook"

@@ -167,3 +167,21 @@ def test_survival_notebooks_run_on_their_own_with_plain_papermill(pipeline, tmp_
     if name == "06_survival_compare":
         text = out.read_text()
         assert all(kind in text for kind in ("| gru |", "| lstm |", "| cox |", "| mayo |"))
+
+
+def test_workbench_predict_returns_the_requested_horizons(pipeline, tmp_path):
+    home, _, _ = pipeline
+    out = tmp_path / "risk.parquet"
+    base = [str(BIN / "workbench"), "predict", "--data", str(PBC_EVENTS.parent), "--out", str(out)]
+    ok = subprocess.run([*base, "--model", MODEL, "--horizon-days", "365.25", "--horizon-days", "1000"],
+                        capture_output=True, text=True, env=clean_env(home), timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    risks = pl.read_parquet(out)
+    assert risks.columns == ["subject_id", "prediction_time", "risk_365d", "risk_1000d"]
+    assert risks["subject_id"].n_unique() == 312 and (risks["risk_1000d"] >= risks["risk_365d"]).all()
+    too_far = subprocess.run([*base, "--model", MODEL, "--horizon-days", "4000"], capture_output=True, text=True,
+                             env=clean_env(home), timeout=600)
+    binary = subprocess.run([*base, "--model", "models:/pbc_mortality@champion", "--horizon-days", "365"],
+                            capture_output=True, text=True, env=clean_env(home), timeout=600)
+    for proc, message in ((too_far, "maximum horizon"), (binary, "binary model with one horizon")):
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]

@@ -334,13 +334,14 @@ def predict(
     data: Path = typer.Option(..., "--data", help="MEDS dataset root to score"),
     out: Path = typer.Option(..., "--out", help="Output parquet: subject_id, prediction_time, risk"),
     times: Optional[Path] = typer.Option(None, "--times", help="Parquet of subject_id, prediction_time (default: the moments the model's task predicts at, before any death or end of follow-up)"),
+    horizons_days: Optional[list[float]] = typer.Option(None, "--horizon-days", help="A survival model: report the risk by this horizon in days (repeatable; default: the model's horizons)"),
 ) -> None:
-    """Score a MEDS dataset with a registered model and its saved FeatureSpec."""
+    """Score a MEDS dataset with a registered model and its saved FeatureSpec (a survival model: a risk column per horizon)."""
     from workbench.files import check_output, write_parquet_atomic
     from workbench.experiment import score
 
     check_output(out, "--out", inputs=(data, times))
-    preds = score(model, data, times)
+    preds = score(model, data, times, horizons_days=horizons_days or None)
     write_parquet_atomic(preds, out)
     Console().print(f"{preds.height:,} predictions -> {out}")
 
@@ -352,6 +353,8 @@ def explain(
     subjects: Optional[list[int]] = typer.Option(None, "--subjects", help="Explain only these subject ids (repeatable)"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Explain at most this many held-out samples"),
     config: Optional[Path] = typer.Option(None, "--config", help="ExplainConfig YAML"),
+    horizon_years: Optional[float] = typer.Option(None, "--horizon-years", min=0.0,
+                                                  help="A survival model: explain its risk by this horizon (default 2 years)"),
 ) -> None:
     """SHAP per time step for a model run's held-out samples, logged to that run, with checks and verdicts."""
     from workbench.config import load_yaml_config
@@ -362,7 +365,8 @@ def explain(
     # Cheap refusals first (the YAML, then the run and its model kind), before the tensors are rebuilt.
     settings = load_yaml_config(ExplainConfig, config) if config is not None else ExplainConfig()
     check_explainable(run)
-    result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples)
+    result = explain_run(run, tensors_for_run(run), settings, subjects=subjects, max_samples=max_samples,
+                         horizon_days=None if horizon_years is None else horizon_years * 365.25)
     out = Console()
     out.print(f"{result.frame.select('subject_id', 'prediction_time').n_unique():,} samples explained; "
               f"logged to run {run} under explanations/ and plots/", highlight=False, soft_wrap=True)
@@ -646,7 +650,7 @@ def print_survival_models(result) -> bool:
     from workbench import record
     from workbench.evaluation import format_with_ci
 
-    runs = record.read_model_runs([r.output_dir for r in result.step("train")])
+    runs = record.handed_model_runs([r.output_dir for r in result.step("train")])
     fitted = [r for r in runs if r.get("task_kind") == "survival" and not r.get("skipped")]
     if not fitted:
         return False

@@ -64,7 +64,7 @@ def train_run_ids(upstream: dict | None) -> tuple[list[str], dict[str, str]] | N
     outputs = record.upstream_train(upstream)
     if not outputs:
         return None
-    runs = record.read_model_runs(d for d in outputs if (Path(d) / record.MODEL_RUN_FILE).is_file())
+    runs = record.handed_model_runs(outputs)
     return [r["run_id"] for r in runs if not r.get("skipped")], {r["kind"]: r["skipped"] for r in runs if r.get("skipped")}
 
 

@@ -383,7 +383,7 @@ def run_model(
     return ModelRun(active, kind, evaluation, risk, registry, fitted, tuning, figures=plots, thresholds=thresholds)
 
 
-def score(model_uri: str, data_root, times=None) -> pl.DataFrame:
+def score(model_uri: str, data_root, times=None, horizons_days=None) -> pl.DataFrame:
     """Risk for ``times`` (subject_id, prediction_time; default: the moments the model's task predicts at).
 
     The model is loaded the standard MLflow way and new data is tensorized with its own saved
@@ -404,7 +404,9 @@ def score(model_uri: str, data_root, times=None) -> pl.DataFrame:
 
         samples = load_labels(times).select("subject_id", "prediction_time")
         check_labels_in_data(samples, open_dataset(data_root).events(), str(data_root), source=str(times))
-    return model.score(data_root, samples, source=str(times))
+    if horizons_days is not None and model.horizons_days is None:
+        raise WorkbenchError(f"model {model_uri} is a binary model with one horizon: --horizon-days applies to survival models")
+    return model.score(data_root, samples, source=str(times), horizons_days=horizons_days)
 
 
 def save_model_run(run: ModelRun, directory) -> None:

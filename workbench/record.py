@@ -112,3 +112,9 @@ def read_model_runs(train_outputs) -> list[dict]:
         except (OSError, ValueError) as exc:
             raise WorkbenchError(f"{path}: not a train step's hand-off file ({exc})") from None
     return runs
+
+
+def handed_model_runs(train_outputs) -> list[dict]:
+    """The ``model_run.json`` of the train output folders that wrote one (a custom notebook
+    in a step named train may write none)."""
+    return read_model_runs(d for d in train_outputs if (Path(d) / MODEL_RUN_FILE).is_file())

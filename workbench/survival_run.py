@@ -578,7 +578,7 @@ def patient_risk_plot(subject: int, visits: pl.DataFrame, drivers: pl.DataFrame)
         right.set_ylim(0, min(1.0, float(drivers["output"].max()) * 1.35 + 0.05))
     import matplotlib.dates as mdates
 
-    locator = mdates.AutoDateLocator(maxticks=6)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)  # maxticks=6 alone finds no interval for 3-4 years
     right.xaxis.set_major_locator(locator)
     right.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     right.set_ylabel("explained risk (by the explained horizon)")
