@@ -182,7 +182,18 @@ def _wait(futures: list, timeout_s: float | None) -> list[dict]:
     """Every chunk's record, once all have finished (a failed chunk raises after the others are done)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     for k, future in enumerate(futures):
-        future.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        while True:
+            try:
+                future.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                break
+            except RuntimeError as e:
+                # Prefect records a task run before its first state (the server writes states from
+                # its event stream): a wait in between raises; the run is there, so ask again
+                if "has no state" not in str(e):
+                    raise
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
         if future.state is None or not future.state.is_final():
             raise WorkbenchError(f"shard map: chunk {k} not finished after {timeout_s:g} s; are task workers "
                                  f"running? ({WORKER_COMMAND})")
