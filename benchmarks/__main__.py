@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-BENCHMARKS = ["bench_validate", "bench_synth", "bench_features", "bench_gbt", "bench_train", "bench_explain", "bench_scale"]
+BENCHMARKS = ["bench_validate", "bench_synth", "bench_features", "bench_gbt", "bench_train", "bench_explain", "bench_survival_metrics", "bench_scale"]
 
 
 def main() -> int:

@@ -9,7 +9,6 @@ The true cumulative incidence of the outcome by t is then
 
 from __future__ import annotations
 
-import time as clock
 import warnings
 
 import numpy as np
@@ -242,19 +241,6 @@ def test_intervals_cover_the_point_and_results_flatten(data):
     text = result.to_markdown()
     assert "| 2 y (730.5 d) |" in text and "Uno's C" in text
     assert f"{result.metrics['uno_c']['value']:.3f} (" in text
-
-
-def test_bootstrap_is_fast():
-    """200 replicates on 600 samples x 5 horizons with a monthly IBS grid: well under a few seconds."""
-    rng = np.random.default_rng(7)
-    _, train_t, train_e, _, _ = cohort(2000, rng)
-    _, t, e, r1, r2 = cohort(600, rng)
-    horizons = np.array([1, 2, 3, 4, 5]) * YEAR
-    grid = np.arange(1, 61) * YEAR / 12
-    start = clock.perf_counter()
-    evaluate_survival(t, e, true_cif(r1, r2, horizons), horizons, train_time=train_t, train_event=train_e,
-                      cluster=np.arange(600) // 3, grid_risk=true_cif(r1, r2, grid), grid_days=grid, n_bootstrap=200)
-    assert clock.perf_counter() - start < 5.0
 
 
 # ---------------------------------------------------------------------- ranges, bad input

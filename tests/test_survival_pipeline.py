@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_demo import BIN, PBC_EVENTS, ROOT, clean_env, client, fresh_python, notebook_images, post
-from ui_servers import free_port, listening_addresses, stop_process_group
+from test_demo import ARTIFACTS, BIN, PBC_EVENTS, ROOT, clean_env, client, fresh_python, notebook_images, post
+from ui_servers import free_port, listening_addresses, screenshot, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,18 @@ def test_executed_notebooks_show_their_figures(pipeline):
         assert images >= 1, name
     # metrics, calibration at 1/2/5 y, observed vs predicted, binary vs survival, two patients' risk curves
     assert notebook_images(notebooks["compare"])[0] == 6
+    for name, path in notebooks.items():
+        html = path.with_suffix(".html").read_text()
+        assert html.count("<img") == notebook_images(path)[0], f"{name}: its HTML does not show every figure"
+
+
+def test_survival_notebooks_in_a_browser(pipeline, tmp_path):
+    """Headless Chromium renders the executed compare and patient notebooks (the README's screenshots)."""
+    _, run_dir, _ = pipeline
+    for name, html in (("notebook_survival_compare", "compare.html"), ("notebook_survival_lstm", "train-model=lstm.html")):
+        png = screenshot((run_dir / html).as_uri(), ARTIFACTS / f"{name}.png", tmp_path / f"profile-{name}",
+                         width=1100, height=5200)
+        assert png.stat().st_size > 100_000, f"{png} looks empty"
 
 
 SURVIVAL_PYFUNC = f"""

@@ -758,7 +758,9 @@ def survival_calibration_plot(calibrations: Mapping, horizons_days=None, title: 
         ax.plot([0, top], [0, top], ls="--", color="grey", lw=1)
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
-        _style(ax, f"{float(h) / 365.25:g} years", "mean predicted risk", "observed risk (Aalen-Johansen)" if j == 0 else "")
+        years = float(h) / 365.25
+        _style(ax, f"{years:g} year{'' if years == 1 else 's'}", "mean predicted risk",
+               "observed risk (Aalen-Johansen)" if j == 0 else "")
         if j == 0:
             ax.legend(fontsize="small")
     fig.suptitle(title or "Calibration at each horizon, by decile of predicted risk")

@@ -570,11 +570,13 @@ def patient_risk_plot(subject: int, visits: pl.DataFrame, drivers: pl.DataFrame)
     if drivers.height:
         times = drivers["prediction_time"].to_numpy()
         right.plot(times, drivers["output"].to_numpy(), marker="o", color="C3")
-        for t, out, feature, shap, step_end in zip(times, drivers["output"], drivers["feature"], drivers["shap"],
-                                                   drivers["step_end_time"]):
+        for i, (t, out, feature, shap, step_end) in enumerate(zip(times, drivers["output"], drivers["feature"],
+                                                                  drivers["shap"], drivers["step_end_time"])):
+            above = i % 2 == 0  # neighbouring visits' notes alternate above and below the line
             right.annotate(f"{feature.split('/')[-2] if feature.count('/') >= 2 else feature}\n"
                            f"{'+' if shap > 0 else '−'}{abs(shap):.3f} ({str(np.datetime64(step_end, 'M'))})",
-                           (t, out), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+                           (t, out), textcoords="offset points", xytext=(0, 8 if above else -8), ha="center",
+                           va="bottom" if above else "top", fontsize=7)
         right.set_ylim(0, min(1.0, float(drivers["output"].max()) * 1.35 + 0.05))
     import matplotlib.dates as mdates
 
