@@ -173,5 +173,8 @@ def test_patient_risk_plot_draws_any_follow_up_span_without_warnings(span_days, 
     visits = pl.DataFrame({"prediction_time": times, "risk_365d": [0.1, 0.2, 0.3, 0.4], "risk_730d": [0.2, 0.3, 0.4, 0.5]})
     drivers = pl.DataFrame({"prediction_time": times, "output": [0.2, 0.3, 0.4, 0.5], "feature": ["LAB/bili/value"] * 4,
                             "shap": [0.05, -0.02, 0.1, 0.0], "step_end_time": times})
-    patient_risk_plot(7, visits, drivers).savefig(io.BytesIO(), format="png")
+    fig = patient_risk_plot(7, visits, drivers)
+    fig.savefig(io.BytesIO(), format="png")
     assert not [str(w.message) for w in recwarn], "a user-visible warning in the executed notebook"
+    # neighbouring visits' driver notes sit on opposite sides of the line, so they do not overlap
+    assert [note.xyann[1] for note in fig.axes[1].texts] == [8, -8, 8, -8]

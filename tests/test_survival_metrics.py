@@ -305,6 +305,7 @@ def test_survival_plots_are_figures_with_one_panel_per_horizon(data):
     b = evaluate(t, e, np.clip(risk * 1.3, 0, 1), train_t, train_e, n_bootstrap=20)
     fig = survival_calibration_plot({"true": a.calibration, "inflated": b.calibration})
     assert isinstance(fig, Figure) and len(fig.axes) == len(HORIZONS)
+    assert [ax.get_title() for ax in fig.axes] == ["1 year", "2 years", "3 years"]
     fig = survival_calibration_plot({"true": a.calibration}, horizons_days=HORIZONS[:2], title="two")
     assert len(fig.axes) == 2
     grid = np.r_[0.0, HORIZONS]
